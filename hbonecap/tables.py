@@ -1,0 +1,236 @@
+"""Every table hbonecap produces: its columns, their dtypes and what they mean, declared once.
+
+Stages produce plain Python/numpy columns; `frame(name, columns)` turns them into a pandas DataFrame with
+the declared dtypes, and `empty(name)` gives the frame with no rows. An empty result is always an empty
+frame with the declared columns, never ``None``. `describe(name)` returns the documentation as a frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+TS = "datetime64[ns, UTC]"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str
+    doc: str
+
+
+def _cols(*specs: tuple[str, str, str]) -> tuple[Column, ...]:
+    return tuple(Column(*s) for s in specs)
+
+
+SCHEMAS: dict[str, tuple[Column, ...]] = {
+    "captures": _cols(
+        ("capture", "string", "capture name: the file name without directories"),
+        ("path", "string", "path as given"),
+        ("format", "string", "pcap, pcap-ns, pcapng; '+gzip' when compressed"),
+        ("link_types", "string", "comma-separated link types in use (ether, linux-sll2, ...)"),
+        ("interfaces", "string", "comma-separated interface names (pcapng if_name), empty when unnamed"),
+        ("packets", "Int64", "records read"),
+        ("bytes", "Int64", "captured bytes of all records"),
+        ("first_ts", TS, "first packet time"),
+        ("last_ts", TS, "last packet time"),
+        ("snaplen", "Int64", "largest snapshot length declared"),
+        ("comment", "string", "section comments, joined"),
+        ("secrets", "Int64", "Decryption Secrets Blocks found (contents are never shown)"),
+        ("anomalies", "Int64", "anomaly rows for this capture"),
+        ("role", "string", "capture-point role guess: pod, node, istioout, istioin, pistioout, pistioin, ztunnel, "
+                           "waypoint, loopback, unknown"),
+        ("node", "string", "node the capture point belongs to, when known"),
+        ("role_reason", "string", "why the role and node were chosen"),
+    ),
+    "packets": _cols(
+        ("capture", "category", "capture name"),
+        ("index", "int64", "frame number in the capture, from 1"),
+        ("ts", TS, "capture time"),
+        ("interface", "category", "interface name (pcapng if_name, SLL2 'ifindex:N'), empty when unknown"),
+        ("link_type", "category", "link type of the record"),
+        ("encap", "category", "tunnels unwrapped, outermost first: 'geneve:1001', 'vxlan:42/geneve:1000'; empty if none"),
+        ("vni", "Int64", "innermost tunnel's VNI"),
+        ("outer_src", "category", "outermost underlay source address when tunnelled"),
+        ("outer_dst", "category", "outermost underlay destination address when tunnelled"),
+        ("outer_sport", "Int64", "outermost underlay UDP source port when tunnelled"),
+        ("outer_dport", "Int64", "outermost underlay UDP destination port when tunnelled"),
+        ("src", "category", "innermost IP source address"),
+        ("dst", "category", "innermost IP destination address"),
+        ("ip_version", "Int64", "4 or 6"),
+        ("ttl", "Int64", "IPv4 TTL / IPv6 hop limit"),
+        ("ip_id", "Int64", "IPv4 identification"),
+        ("proto", "category", "tcp, udp, icmp, icmpv6, arp, ip:N (other IP protocol), ethertype:0xNNNN, unknown"),
+        ("sport", "Int64", "TCP/UDP source port"),
+        ("dport", "Int64", "TCP/UDP destination port"),
+        ("tcp_flags", "Int64", "TCP flags byte plus NS bit (0x100)"),
+        ("seq", "Int64", "TCP sequence number (raw)"),
+        ("ack", "Int64", "TCP acknowledgment number (raw)"),
+        ("win", "Int64", "TCP window field (unscaled)"),
+        ("mss", "Int64", "TCP MSS option"),
+        ("wscale", "Int64", "TCP window-scale option"),
+        ("sack_permitted", "boolean", "TCP SACK-permitted option present"),
+        ("sack_blocks", "Int64", "number of TCP SACK blocks"),
+        ("tsval", "Int64", "TCP timestamp option value"),
+        ("tsecr", "Int64", "TCP timestamp echo reply"),
+        ("icmp_type", "Int64", "ICMP / ICMPv6 type"),
+        ("icmp_code", "Int64", "ICMP / ICMPv6 code"),
+        ("length", "int64", "original length on the wire"),
+        ("caplen", "int64", "captured length"),
+        ("payload_len", "Int64", "innermost TCP/UDP payload length per the headers (may exceed what was captured)"),
+        ("payload_offset", "Int64", "offset of the innermost payload within the captured frame"),
+        ("frame_offset", "int64", "offset of the frame's first byte in the (decompressed) capture file"),
+        ("comment", "string", "packet comment (pcapng opt_comment)"),
+    ),
+    "connections": _cols(
+        ("capture", "category", "capture name"),
+        ("conn_id", "int64", "connection number within the analysis"),
+        ("encap", "category", "tunnels the connection was seen inside"),
+        ("vni", "Int64", "innermost VNI"),
+        ("client", "string", "ip:port of the side that sent the SYN (else the first sender)"),
+        ("server", "string", "ip:port of the other side"),
+        ("client_ip", "string", "client address"),
+        ("client_port", "Int64", "client port"),
+        ("server_ip", "string", "server address"),
+        ("server_port", "Int64", "server port"),
+        ("first_ts", TS, "first packet"),
+        ("last_ts", TS, "last packet"),
+        ("syn_ts", TS, "first SYN"),
+        ("synack_ts", TS, "first SYN-ACK"),
+        ("ack_ts", TS, "first client ACK after the SYN-ACK"),
+        ("fin_ts", TS, "first FIN"),
+        ("rst_ts", TS, "first RST"),
+        ("first_index", "int64", "frame number of the first packet"),
+        ("packets_c2s", "int64", "packets client to server"),
+        ("packets_s2c", "int64", "packets server to client"),
+        ("bytes_c2s", "int64", "TCP payload bytes client to server (per headers)"),
+        ("bytes_s2c", "int64", "TCP payload bytes server to client (per headers)"),
+        ("retransmissions", "int64", "data segments that did not advance their direction's highest sequence"),
+        ("state", "string", "complete, reset, refused, open, syn-only, midstream"),
+        ("handshake_rtt_ms", "float64", "SYN to ACK of SYN-ACK as seen at this capture"),
+    ),
+    "anomalies": _cols(
+        ("capture", "string", "capture name (or key log name)"),
+        ("index", "Int64", "frame number, or key-log line number; empty when not tied to one"),
+        ("layer", "string", "capture, link, ip, tcp, udp, geneve, vxlan, tls, http2, hbone, keylog, ..."),
+        ("kind", "string", "<layer>_<condition>, e.g. geneve_truncated, tcp_gap, tls_no_key"),
+        ("detail", "string", "what exactly was wrong"),
+    ),
+    "tunnels": _cols(
+        ("capture", "string", "capture name"),
+        ("tunnel_id", "string", "capture-scoped id of the HBONE connection"),
+        ("conn_id", "Int64", "connections.conn_id of the carrying TCP connection"),
+        ("encap", "string", "tunnels around the TCP connection"),
+        ("client", "string", "ip:port of the TLS client"),
+        ("server", "string", "ip:port of the TLS server (normally :15008)"),
+        ("start", TS, "first packet"),
+        ("end", TS, "last packet"),
+        ("tls_version", "string", "negotiated TLS version"),
+        ("cipher_suite", "string", "negotiated suite"),
+        ("alpn", "string", "negotiated ALPN"),
+        ("sni", "string", "server name, if any"),
+        ("decrypted", "boolean", "whether the records could be decrypted"),
+        ("why_not", "string", "why not decrypted"),
+        ("client_spiffe", "string", "SPIFFE URI SAN in the client certificate"),
+        ("server_spiffe", "string", "SPIFFE URI SAN in the server certificate"),
+        ("streams", "Int64", "CONNECT streams seen"),
+        ("bytes_c2s", "Int64", "TCP payload bytes client to server"),
+        ("bytes_s2c", "Int64", "TCP payload bytes server to client"),
+    ),
+    "streams": _cols(
+        ("capture", "string", "capture name"),
+        ("tunnel_id", "string", "tunnels.tunnel_id"),
+        ("stream_id", "Int64", "HTTP/2 stream id"),
+        ("method", "string", ":method"),
+        ("authority", "string", ":authority"),
+        ("original_dst", "string", "x-envoy-original-dst-host, else :authority"),
+        ("forwarded_for", "string", "the for= address of the forwarded header"),
+        ("traceparent", "string", "traceparent header"),
+        ("trace_id", "string", "trace id from traceparent"),
+        ("baggage", "string", "baggage header"),
+        ("headers", "object", "all request headers as a dict (repeated names joined by ', ')"),
+        ("response_headers", "object", "all response headers as a dict"),
+        ("status", "Int64", ":status of the response"),
+        ("request_ts", TS, "request HEADERS"),
+        ("response_ts", TS, "response HEADERS"),
+        ("first_data_c2s_ts", TS, "first DATA client to server"),
+        ("first_data_s2c_ts", TS, "first DATA server to client"),
+        ("end_ts", TS, "when the stream ended"),
+        ("end_reason", "string", "end_stream, rst_stream:<code>, goaway, capture_end"),
+        ("bytes_c2s", "Int64", "tunnelled bytes client to server"),
+        ("bytes_s2c", "Int64", "tunnelled bytes server to client"),
+        ("inner", "string", "what the tunnelled bytes were: http1, tls, hbone, proxy-v2, opaque"),
+    ),
+    "requests": _cols(
+        ("capture", "string", "capture name"),
+        ("conn_id", "Int64", "connections.conn_id for plain TCP"),
+        ("tunnel_id", "string", "tunnel when inside one"),
+        ("stream_id", "Int64", "stream when inside one"),
+        ("method", "string", "request method"),
+        ("host", "string", "Host header"),
+        ("path", "string", "request target"),
+        ("status", "Int64", "response status"),
+        ("request_ts", TS, "first byte of the request"),
+        ("response_ts", TS, "first byte of the response"),
+    ),
+}
+
+
+def columns(name: str) -> list[str]:
+    return [c.name for c in SCHEMAS[name]]
+
+
+def dtypes(name: str) -> dict[str, str]:
+    return {c.name: c.dtype for c in SCHEMAS[name]}
+
+
+def empty(name: str):
+    """The table with its declared columns and no rows."""
+    import pandas as pd
+
+    return pd.DataFrame({c.name: pd.Series([], dtype=c.dtype) for c in SCHEMAS[name]})
+
+
+def frame(name: str, data: Mapping[str, Any]):
+    """Build table `name` from columns (sequences or numpy arrays); missing columns are all-NA.
+
+    Extra keys not in the schema are rejected: a table holds exactly its declared columns.
+    """
+    import numpy as np
+    import pandas as pd
+
+    schema = SCHEMAS[name]
+    extra = set(data) - {c.name for c in schema}
+    if extra:
+        raise KeyError(f"columns not declared for table {name!r}: {sorted(extra)}")
+    n = None
+    for v in data.values():
+        n = len(v)
+        break
+    if n is None or n == 0:
+        return empty(name)
+    out = {}
+    for c in schema:
+        if c.name in data:
+            v = data[c.name]
+            if c.dtype == TS:
+                arr = np.asarray(v)
+                if arr.dtype.kind in "iu":
+                    s = pd.Series(pd.to_datetime(arr.astype("int64"), unit="ns", utc=True))
+                    s[arr < 0] = pd.NaT
+                    out[c.name] = s
+                    continue
+                out[c.name] = pd.Series(pd.to_datetime(v, utc=True))
+                continue
+            out[c.name] = pd.Series(v).astype(c.dtype) if not isinstance(v, pd.Series) else v.astype(c.dtype)
+        else:
+            out[c.name] = pd.Series([pd.NA] * n, dtype=c.dtype if c.dtype != TS else TS)
+    df = pd.DataFrame({k: s.reset_index(drop=True) for k, s in out.items()})
+    return df
+
+
+def describe(name: str):
+    """Documentation of a table as a DataFrame (column, dtype, meaning)."""
+    import pandas as pd
+
+    return pd.DataFrame([(c.name, c.dtype, c.doc) for c in SCHEMAS[name]], columns=["column", "dtype", "meaning"])

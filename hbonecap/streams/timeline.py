@@ -1,0 +1,140 @@
+"""Byte buffers that remember when each byte range was captured.
+
+Every stream stage hands bytes to the next one together with their capture times. Keeping a time per byte
+would cost eight bytes per byte; instead a buffer keeps *marks*: ``(offset, ts_ns)`` pairs meaning "bytes from
+this offset on were captured at ts_ns, until the next mark". Appending a chunk adds at most one mark, consuming
+drops marks that fall behind the read position, so both are O(1) amortised and never touch single bytes.
+
+`TimedBuffer` is the working buffer of a parser (append, look, consume). `Timed` is a finished piece of bytes with
+its marks (offsets relative to its own first byte), the unit passed between stages.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """Bytes plus the capture times of their ranges: ``marks[i] = (offset, ts_ns)``, offsets ascending, first 0."""
+
+    data: bytes
+    marks: tuple[tuple[int, int], ...]
+
+    @property
+    def ts_first(self) -> int:
+        return self.marks[0][1] if self.marks else -1
+
+    @property
+    def ts_last(self) -> int:
+        return self.marks[-1][1] if self.marks else -1
+
+    @classmethod
+    def at(cls, data: bytes, ts_ns: int) -> "Timed":
+        return cls(bytes(data), ((0, ts_ns),))
+
+    def ts_at(self, offset: int) -> int:
+        """Capture time of the byte at `offset`."""
+        ts = self.marks[0][1]
+        for off, t in self.marks:
+            if off > offset:
+                break
+            ts = t
+        return ts
+
+    def slice(self, start: int, end: int) -> "Timed":
+        """The bytes [start, end) with their marks re-based to start."""
+        end = min(end, len(self.data))
+        if start >= end:
+            return Timed(b"", ())
+        marks: list[tuple[int, int]] = []
+        prev_ts = self.marks[0][1]
+        for off, t in self.marks:
+            if off <= start:
+                prev_ts = t
+                continue
+            if off >= end:
+                break
+            if not marks:
+                marks.append((0, prev_ts))
+            marks.append((off - start, t))
+        if not marks:
+            marks.append((0, prev_ts))
+        return Timed(self.data[start:end], tuple(marks))
+
+
+@dataclass(slots=True)
+class TimedBuffer:
+    """A growing byte buffer with capture-time marks; the read side consumes from the front.
+
+    `start` is the stream offset of ``buf[0]`` (bytes consumed so far). Marks use stream offsets.
+    """
+
+    buf: bytearray = field(default_factory=bytearray)
+    start: int = 0
+    marks: deque = field(default_factory=deque)
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.buf)
+
+    def append(self, data: bytes | memoryview, ts_ns: int) -> None:
+        if not data:
+            return
+        if not self.marks or self.marks[-1][1] != ts_ns:
+            self.marks.append((self.end, ts_ns))
+        self.buf += data
+
+    def append_timed(self, piece: Timed) -> None:
+        base = self.end
+        if not piece.data:
+            return
+        for off, ts in piece.marks:
+            if not self.marks or self.marks[-1][1] != ts:
+                self.marks.append((base + off, ts))
+        self.buf += piece.data
+
+    def ts_at(self, rel: int) -> int:
+        """Capture time of the byte `rel` bytes after the read position (-1 when nothing buffered)."""
+        want = self.start + rel
+        ts = -1
+        for off, t in self.marks:
+            if off > want:
+                break
+            ts = t
+        return ts
+
+    def take(self, n: int) -> Timed:
+        """Consume `n` bytes from the front, with their marks."""
+        n = min(n, len(self.buf))
+        end = self.start + n
+        marks: list[tuple[int, int]] = []
+        m = self.marks
+        # The mark in force at `start` is the last one with offset <= start.
+        while len(m) > 1 and m[1][0] <= self.start:
+            m.popleft()
+        for off, t in m:
+            if off >= end:
+                break
+            marks.append((max(off - self.start, 0), t))
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.start = end
+        while len(m) > 1 and m[1][0] <= self.start:
+            m.popleft()
+        if not self.buf and m:
+            # Keep nothing stale: the next append sets a fresh mark.
+            m.clear()
+        return Timed(data, tuple(marks))
+
+    def skip(self, n: int) -> None:
+        self.take(n)
+
+    def clear(self) -> None:
+        """Drop everything buffered (the stream offset still advances past it)."""
+        self.start += len(self.buf)
+        self.buf.clear()
+        self.marks.clear()

@@ -24,3 +24,19 @@ class TcpSegment:
     ack: int
     payload: bytes      # captured payload bytes (shorter than payload_len when the snapshot length cut it)
     payload_len: int    # payload length per the IP/TCP headers
+
+
+def iter_tcp_segments(path, config=None, name: str | None = None, with_pure_acks: bool = False):
+    """Yield every TCP segment of a capture (innermost TCP, through tunnels) in capture order.
+
+    Pure ACKs (no payload, no SYN/FIN/RST) are left out unless `with_pure_acks`. Memory is bounded by one
+    decoded batch; payload bytes are copied out of the batch buffer.
+    """
+    import numpy as np
+
+    from hbonecap.config import DEFAULT_CONFIG
+    from hbonecap.decode import segments_of_batch, iter_decoded
+
+    cfg = config or DEFAULT_CONFIG
+    for reader, batch, ctx in iter_decoded(path, cfg, name=name):
+        yield from segments_of_batch(reader.info.name, batch, ctx, with_pure_acks)

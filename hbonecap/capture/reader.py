@@ -1,0 +1,133 @@
+"""Opening capture files: the only module that reads packet data from disk.
+
+`CaptureReader(path)` recognises pcap (all magics), pcapng and gzip-compressed forms of both by their first
+bytes, never by the file name, and yields `RecordBatch`es of at most `config.chunk_bytes` of file data, so memory
+stays bounded whatever the file size. What is not a capture raises `CaptureError` naming the file.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from hbonecap.capture.pcap import MAGICS as PCAP_MAGICS, PcapWalker
+from hbonecap.capture.pcapng import PcapngWalker
+from hbonecap.capture.records import Interface, RecordBatch
+from hbonecap.config import DEFAULT_CONFIG, DecodeConfig
+from hbonecap.errors import CaptureError
+
+GZIP_MAGIC = b"\x1f\x8b"
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+
+
+@dataclass
+class CaptureInfo:
+    """What a capture says about itself, filled in while it is read."""
+
+    path: str
+    name: str
+    format: str = ""
+    compressed: bool = False
+    interfaces: list[Interface] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    secrets: list[bytes] = field(default_factory=list)
+    anomalies: list[tuple] = field(default_factory=list)   # (index|None, layer, kind, detail)
+    packets: int = 0
+    size: int = 0
+
+    def __repr__(self) -> str:  # never print secrets
+        return (f"CaptureInfo(name={self.name!r}, format={self.format!r}, interfaces={len(self.interfaces)}, "
+                f"packets={self.packets}, secrets={len(self.secrets)})")
+
+
+def capture_name(path: str) -> str:
+    return os.path.basename(str(path))
+
+
+class CaptureReader:
+    """Iterate over the record batches of one capture file."""
+
+    def __init__(self, path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None):
+        self.path = str(path)
+        self.config = config
+        self.info = CaptureInfo(path=self.path, name=name or capture_name(self.path))
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise CaptureError(self.path, e.strerror or str(e)) from e
+        if os.path.isdir(self.path):
+            raise CaptureError(self.path, "is a directory")
+        self.info.size = os.path.getsize(self.path)
+        if head[:2] == GZIP_MAGIC:
+            self.info.compressed = True
+            try:
+                with gzip.open(self.path, "rb") as g:
+                    head = g.read(4)
+            except (OSError, EOFError, zlib.error) as e:
+                raise CaptureError(self.path, f"unreadable gzip data: {e}") from e
+        if len(head) < 4:
+            raise CaptureError(self.path, "empty or too short to be a capture")
+        if head == PCAPNG_MAGIC:
+            self.walker = PcapngWalker(self.path, config.max_record_bytes)
+        elif head in PCAP_MAGICS:
+            self.walker = PcapWalker(self.path, config.max_record_bytes)
+        else:
+            raise CaptureError(self.path, f"not a pcap or pcapng capture (starts with {head.hex()})")
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self.info.compressed else open(self.path, "rb")
+
+    def __iter__(self) -> Iterator[RecordBatch]:
+        cfg = self.config
+        w = self.walker
+        info = self.info
+        with self._open() as f:
+            buf = self._read(f, cfg.chunk_bytes)
+            final = len(buf) < cfg.chunk_bytes
+            pos = w.start(buf)
+            base = 0           # file offset of buf[0]
+            try:
+                while True:
+                    new_pos, batch = w.walk(buf, pos, base, final)
+                    info.interfaces = w.interfaces
+                    if len(batch):
+                        info.packets += len(batch)
+                        yield batch
+                    if w.finished:
+                        break
+                    if final:
+                        if new_pos == pos and not len(batch):
+                            break
+                        pos = new_pos
+                        continue
+                    # keep the unfinished tail and read the next chunk after it
+                    rest = buf[new_pos:]
+                    more = self._read(f, cfg.chunk_bytes)
+                    final = len(more) < cfg.chunk_bytes
+                    base += new_pos
+                    buf = rest + more
+                    pos = 0
+            finally:
+                info.format = w.format + ("+gzip" if info.compressed else "")
+                info.interfaces = w.interfaces
+                info.comments = list(getattr(w, "comments", []))
+                info.secrets = list(getattr(w, "secrets", []))
+                info.anomalies = list(w.anomalies)
+
+    def _read(self, f, n: int) -> bytes:
+        try:
+            return f.read(n)
+        except (OSError, EOFError, zlib.error) as e:
+            self.walker.anomalies.append((None, "capture", "capture_unreadable", f"read failed: {e}"))
+            return b""
+
+
+def read_secrets(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG) -> list[bytes]:
+    """TLS key log texts embedded in a pcapng file (Decryption Secrets Blocks), in file order."""
+    r = CaptureReader(path, config)
+    for _ in r:
+        pass
+    return r.info.secrets

@@ -1,0 +1,232 @@
+"""HTTP/2 frame layer for one direction of a connection, as an observer.
+
+Follows RFC 9113: section 3.4 (connection preface), 4.1 (frame format), 6.1-6.10 (frame definitions: padding of
+DATA/HEADERS/PUSH_PROMISE, the HEADERS priority block, SETTINGS, RST_STREAM, PING, GOAWAY, WINDOW_UPDATE,
+CONTINUATION). Unknown frame types are passed through (section 4.1: they must be ignored, we still show them).
+
+Strategy
+  * `FrameReader` is sans-I/O: ``feed(Timed) -> events`` and ``gap(n) -> events``; it buffers at most one frame
+    plus a header. A complete frame becomes a `Frame` (payload without padding/priority fields, with capture
+    times of its bytes), at the time of its last byte.
+  * Nothing an endpoint would reject stops the reader: frames above SETTINGS_MAX_FRAME_SIZE, bad stream ids,
+    bad padding are passed on and reported (`http2_bad_padding`, `http2_frame_size`...).
+  * Lost sync is explicit: after a gap, or when the direction starts mid-connection (no preface where one is
+    expected), the reader reports `http2_lost_sync` and scans for a position where consecutive frame headers
+    are plausible (`find_frame_start`), reports `http2_resync` with the bytes skipped, and goes on.
+
+Limits
+  * A frame declaring more than `max_frame` bytes (default 2**24-1, the protocol maximum) cannot be buffered and
+    is treated as lost sync.
+  * Resynchronisation scans at most `RESYNC_WINDOW` bytes of buffered data at a time; it needs two consecutive
+    plausible frame headers (or one frame ending exactly at the end of the data seen), so a frame-looking run of
+    bytes inside a DATA payload can fool it; the next frames usually show it (reported, never silent).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..anomalies import Anomaly
+from ..timeline import Timed, TimedBuffer
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+FRAME_NAMES = ("DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE", "PING", "GOAWAY",
+               "WINDOW_UPDATE", "CONTINUATION")
+FLAG_END_STREAM, FLAG_ACK, FLAG_END_HEADERS, FLAG_PADDED, FLAG_PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+
+ERROR_CODES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+               "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "CONNECT_ERROR",
+               "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
+
+HEADER = struct.Struct(">HBBBI")   # 24-bit length as (hi16, lo8), type, flags, stream id
+U32 = struct.Struct(">I")
+U32x2 = struct.Struct(">II")
+SETTING = struct.Struct(">HI")
+
+MAX_FRAME = (1 << 24) - 1
+RESYNC_WINDOW = 256 * 1024
+# Flags each known type may carry (for plausibility when resynchronising).
+_VALID_FLAGS = (0x09, 0x2D, 0x00, 0x00, 0x01, 0x0C, 0x01, 0x00, 0x00, 0x04)
+_STREAM_ZERO = (False, False, False, False, True, False, True, True, None, False)  # None: either
+
+
+def error_name(code: int) -> str:
+    return ERROR_CODES[code] if 0 <= code < len(ERROR_CODES) else f"0x{code:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    flags: int
+    stream_id: int
+    length: int              # payload length as declared
+    payload: Timed           # payload without padding (and without the HEADERS priority block)
+    ts_ns: int               # capture time of the frame's last byte
+    offset: int              # stream offset of the frame header in this direction's byte stream
+
+    @property
+    def name(self) -> str:
+        return FRAME_NAMES[self.type] if self.type < len(FRAME_NAMES) else f"0x{self.type:02x}"
+
+
+@dataclass(frozen=True, slots=True)
+class LostSync:
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    offset: int
+    skipped: int
+
+
+def parse_header(buf, pos: int = 0) -> tuple[int, int, int, int]:
+    hi, lo, ftype, flags, sid = HEADER.unpack_from(buf, pos)
+    return (hi << 8) | lo, ftype, flags, sid & 0x7FFFFFFF
+
+
+def plausible(buf, pos: int, max_frame: int = 1 << 20) -> int:
+    """-1 if a frame header at `pos` looks wrong, else the length of the frame (header included)."""
+    length, ftype, flags, sid = parse_header(buf, pos)
+    if ftype >= 10 or length > max_frame or flags & ~_VALID_FLAGS[ftype] or buf[pos + 5] & 0x80:
+        return -1
+    zero = _STREAM_ZERO[ftype]
+    if zero is not None and zero != (sid == 0):
+        return -1
+    if (ftype == PING and length != 8) or (ftype in (RST_STREAM, WINDOW_UPDATE) and length != 4) or \
+            (ftype == PRIORITY and length != 5) or (ftype == SETTINGS and length % 6) or \
+            (ftype == SETTINGS and flags & FLAG_ACK and length) or (ftype == GOAWAY and length < 8):
+        return -1
+    return 9 + length
+
+
+def find_frame_start(buf, limit: int = RESYNC_WINDOW) -> int:
+    """First offset where two consecutive plausible frame headers (or one frame ending at the data's end) begin.
+
+    Returns -1 when none is found among the first `limit` bytes that can be checked.
+    """
+    n = len(buf)
+    for pos in range(0, min(n - 9 + 1, limit)):
+        size = plausible(buf, pos)
+        if size < 0:
+            continue
+        nxt = pos + size
+        if nxt == n:
+            return pos
+        if nxt + 9 <= n and plausible(buf, nxt) >= 0:
+            return pos
+    return -1
+
+
+def strip_padding(frame_type: int, flags: int, payload: Timed) -> tuple[Timed, int, str | None]:
+    """Payload without padding and priority fields -> (payload, priority-dependency or -1, error or None)."""
+    data = payload.data
+    start, end, dep = 0, len(data), -1
+    if frame_type in (DATA, HEADERS, PUSH_PROMISE) and flags & FLAG_PADDED:
+        if not data:
+            return payload, dep, "padded frame without a pad length"
+        pad = data[0]
+        start = 1
+        if pad > end - start:
+            return payload.slice(1, end), dep, f"pad length {pad} exceeds the payload"
+        end -= pad
+    if frame_type == HEADERS and flags & FLAG_PRIORITY:
+        if end - start < 5:
+            return payload.slice(start, end), dep, "priority block truncated"
+        dep = U32.unpack_from(data, start)[0] & 0x7FFFFFFF
+        start += 5
+    return (payload if start == 0 and end == len(data) else payload.slice(start, end)), dep, None
+
+
+class FrameReader:
+    """Frames out of one direction's byte stream (plaintext after TLS, or cleartext h2c)."""
+
+    def __init__(self, state: str = "preface", max_frame: int = MAX_FRAME) -> None:
+        """`state`: 'preface' (client side from the start), 'start' (server side from the start: a SETTINGS frame
+        comes first), 'frames' (known to be at a frame boundary), 'lost' (mid-connection: scan for frames)."""
+        self.buf = TimedBuffer()
+        self.max_frame = max_frame
+        self.state = state
+        self.frames = 0
+
+    def feed(self, piece: Timed) -> list:
+        self.buf.append_timed(piece)
+        return self._run()
+
+    def gap(self, length: int) -> list:
+        """Bytes were lost: whatever is buffered cannot be trusted to line up any more."""
+        off = self.buf.end
+        self.buf.clear()
+        self.buf.start = off + length
+        if self.state == "lost":
+            return []
+        self.state = "lost"
+        return [LostSync(off, "gap"), Anomaly("http2", "http2_lost_sync", f"{length} bytes missing at offset {off}")]
+
+    def close(self) -> list:
+        if len(self.buf) and self.state == "frames":
+            return [Anomaly("http2", "http2_truncated_frame", f"{len(self.buf)} bytes of an unfinished frame at the "
+                                                               f"end of the stream (offset {self.buf.start})")]
+        return []
+
+    def _run(self) -> list:
+        out: list = []
+        buf = self.buf
+        for _ in range(1 << 20):  # bound: each pass consumes bytes or returns
+            if self.state == "preface":
+                n = min(len(buf), len(PREFACE))
+                if buf.buf[:n] != PREFACE[:n]:
+                    self.state = "lost"
+                    out.append(LostSync(buf.start, "no preface"))
+                    out.append(Anomaly("http2", "http2_no_preface",
+                                       "client direction does not start with the connection preface"))
+                    continue
+                if n < len(PREFACE):
+                    return out
+                buf.skip(len(PREFACE))
+                self.state = "frames"
+                continue
+            if self.state == "start":
+                # Server direction from the beginning: the first frame must be SETTINGS (RFC 9113 3.4).
+                if len(buf) < 9:
+                    return out
+                if plausible(buf.buf, 0, self.max_frame) < 0:
+                    self.state = "lost"
+                    out.append(LostSync(buf.start, "no initial frame"))
+                    out.append(Anomaly("http2", "http2_lost_sync", "direction does not start with a frame header"))
+                    continue
+                self.state = "frames"
+            if self.state == "lost":
+                pos = find_frame_start(buf.buf)
+                if pos < 0:
+                    keep = 8 + 9
+                    if len(buf) > keep + RESYNC_WINDOW:
+                        buf.skip(len(buf) - keep)
+                    return out
+                if pos:
+                    out.append(Anomaly("http2", "http2_resync", f"skipped {pos} bytes to a frame start at offset "
+                                                                 f"{buf.start + pos}"))
+                out.append(Resync(buf.start + pos, pos))
+                buf.skip(pos)
+                self.state = "frames"
+            if len(buf) < 9:
+                return out
+            length, ftype, flags, sid = parse_header(buf.buf, 0)
+            if length > self.max_frame:
+                self.state = "lost"
+                out.append(LostSync(buf.start, "frame too large"))
+                out.append(Anomaly("http2", "http2_frame_size", f"frame declares {length} bytes (cap "
+                                                                 f"{self.max_frame}) at offset {buf.start}"))
+                buf.skip(1)
+                continue
+            if len(buf) < 9 + length:
+                return out
+            offset = buf.start
+            whole = buf.take(9 + length)
+            payload = whole.slice(9, 9 + length) if length else Timed(b"", ((0, whole.ts_last),))
+            self.frames += 1
+            out.append(Frame(ftype, flags, sid, length, payload, whole.ts_last, offset))
+        return out

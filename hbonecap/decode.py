@@ -134,7 +134,8 @@ class PacketColumns:
         n = len(batch)
         if n == 0:
             return
-        self._add("index", np.arange(batch.first_index, batch.first_index + n, dtype=np.int64))
+        numbers = batch.frame_numbers()
+        self._add("index", numbers)
         self._add("ts", batch.ts_ns)
         self._add("interface", self.iface.encode(batch.iface.astype(np.int64)))
         self._add("link_type", self.link.encode(batch.iface.astype(np.int64)))
@@ -166,9 +167,9 @@ class PacketColumns:
         self._add("caplen", batch.caplen)
         self._add("frame_offset", batch.data_off + batch.file_offset)
         for pos, text in batch.comments.items():
-            self.comments[batch.first_index + pos] = text
+            self.comments[int(numbers[pos])] = text
         for sel, layer, kind, detail in ctx.anomalies:
-            idx = sel + batch.first_index
+            idx = numbers[sel]
             if isinstance(detail, str):
                 self.anomalies.extend((int(i), layer, kind, detail) for i in idx)
             else:
@@ -223,10 +224,11 @@ def iter_decoded(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG,
 def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:
     if lo == 0 and hi >= len(b):
         return b
+    numbers = b.frame_numbers()[lo:hi]
     return RecordBatch(b.buf, b.data_off[lo:hi], b.caplen[lo:hi], b.origlen[lo:hi], b.ts_ns[lo:hi], b.iface[lo:hi],
-                       b.first_index + lo, b.file_offset,
+                       int(numbers[0]), b.file_offset,
                        {k - lo: v for k, v in b.comments.items() if lo <= k < hi},
-                       {k - lo: v for k, v in b.pkt_flags.items() if lo <= k < hi})
+                       {k - lo: v for k, v in b.pkt_flags.items() if lo <= k < hi}, numbers)
 
 
 def decode_capture(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
@@ -278,6 +280,7 @@ def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with
     enc_cache: dict[bytes, str] = {}
     addr_cache: dict[bytes, str] = {}
     buf = batch.buf
+    numbers = batch.frame_numbers()
     for i in idx.tolist():
         ekey = ek[i].tobytes()
         enc = enc_cache.get(ekey)
@@ -291,6 +294,6 @@ def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with
         start = int(batch.data_off[i] + ctx.payload_off[i])
         plen = int(ctx.payload_len[i])
         end = min(start + plen, int(batch.data_off[i] + batch.caplen[i]))
-        yield TcpSegment(capture, batch.first_index + i, int(batch.ts_ns[i]), enc, s, int(ctx.sport[i]), dd,
+        yield TcpSegment(capture, int(numbers[i]), int(batch.ts_ns[i]), enc, s, int(ctx.sport[i]), dd,
                          int(ctx.dport[i]), int(ctx.tcp_flags[i]), int(ctx.seq[i]), int(ctx.ack[i]),
                          buf[start:max(start, end)].tobytes(), plen)

@@ -24,6 +24,7 @@ OPB = 0x00000002
 SPB = 0x00000003
 EPB = 0x00000006
 DSB = 0x0000000A
+CUSTOM_BLOCKS = (0x00000BAD, 0x40000BAD)  # Wireshark numbers these as frames too
 BOM = 0x1A2B3C4D
 SECRETS_TLS_KEYLOG = 0x544C534B
 MAX_OPTIONS = 4096
@@ -119,6 +120,8 @@ class PcapngWalker:
         ifs: list[int] = []
         comments: dict[int, str] = {}
         flags: dict[int, int] = {}
+        nums: list[int] = []
+        self._nums = nums
         p = pos
         u32 = struct.Struct(self._e + "I").unpack_from
         epb = struct.Struct(self._e + "IIIII").unpack_from
@@ -148,7 +151,7 @@ class PcapngWalker:
             if blen < 12 or blen % 4 or blen > self.max_record + 64:
                 if self.sections == 0:
                     raise CaptureError(self.name, f"pcapng section header with impossible length {blen}")
-                self.anomalies.append((self.next_index + len(offs), "capture", "pcapng_bad_block",
+                self.anomalies.append((self.next_index, "capture", "pcapng_bad_block",
                                        f"block at file offset {file_offset + p} has impossible length {blen}; "
                                        "the rest of the file cannot be read"))
                 self.finished = True
@@ -163,11 +166,11 @@ class PcapngWalker:
                                        f"block at file offset {file_offset + p}: lengths {blen} and {tail} differ"))
             if btype == EPB and blen >= 32:
                 iface, hi, lo, cap, orig = epb(buf, p + 8)
-                idx = self.next_index + len(offs)
+                idx = self.next_index
+                self.next_index += 1
                 if iface >= len(self.section_ifaces):
                     self.anomalies.append((idx, "capture", "pcapng_bad_interface",
                                            f"packet names interface {iface}, the section has {len(self.section_ifaces)}"))
-                    self.next_index += 1
                     p += blen
                     continue
                 room = blen - 32
@@ -182,12 +185,15 @@ class PcapngWalker:
                             comments[len(offs)] = val.decode("utf-8", "replace")
                         elif code == 2 and len(val) == 4:
                             flags[len(offs)] = struct.unpack(self._e + "I", val)[0]
+                nums.append(idx)
                 offs.append(p + 28)
                 caps.append(cap)
                 origs.append(orig)
                 his.append(hi)
                 los.append(lo)
                 ifs.append(self.section_ifaces[iface])
+            elif btype in CUSTOM_BLOCKS:
+                self.next_index += 1
             elif btype == SHB:
                 if blen < 28:
                     raise CaptureError(self.name, "pcapng section header shorter than 28 bytes")
@@ -195,11 +201,12 @@ class PcapngWalker:
             elif btype == IDB:
                 self._interface(buf, p, blen)
             elif btype == SPB and blen >= 16:
-                idx = self.next_index + len(offs)
+                idx = self.next_index
+                self.next_index += 1
                 if not self.section_ifaces:
                     self.anomalies.append((idx, "capture", "pcapng_bad_interface", "simple packet block without interface"))
-                    self.next_index += 1
                 else:
+                    nums.append(idx)
                     (orig,) = u32(buf, p + 8)
                     g = self.section_ifaces[0]
                     snap = self.interfaces[g].snaplen or orig
@@ -213,11 +220,12 @@ class PcapngWalker:
             elif btype == OPB and blen >= 32:
                 iface, _drops = struct.unpack_from(self._e + "HH", buf, p + 8)
                 hi, lo, cap, orig = struct.unpack_from(self._e + "IIII", buf, p + 12)
-                idx = self.next_index + len(offs)
+                idx = self.next_index
+                self.next_index += 1
                 if iface >= len(self.section_ifaces):
                     self.anomalies.append((idx, "capture", "pcapng_bad_interface", f"packet names interface {iface}"))
-                    self.next_index += 1
                 else:
+                    nums.append(idx)
                     offs.append(p + 28)
                     caps.append(min(cap, blen - 32))
                     origs.append(orig)
@@ -244,11 +252,13 @@ class PcapngWalker:
         return p, self._batch(buf, file_offset, offs, caps, origs, his, los, ifs, comments, flags)
 
     def _truncated(self, buf, p, end, btype, offs, caps, origs, his, los, ifs, epb) -> None:
-        idx = self.next_index + len(offs)
+        idx = self.next_index
         if btype == EPB and p + 28 <= end and self.section_ifaces:
             iface, hi, lo, cap, orig = epb(buf, p + 8)
             if iface < len(self.section_ifaces):
                 have = end - (p + 28)
+                self._nums.append(idx)
+                self.next_index += 1
                 offs.append(p + 28)
                 caps.append(min(cap, have))
                 origs.append(orig)
@@ -277,13 +287,13 @@ class PcapngWalker:
                 continue
             ts[m] = _ticks_to_ns((hi[m].astype(np.uint64) << np.uint64(32)) | lo[m].astype(np.uint64),
                                  self.interfaces[g])
-        batch = RecordBatch(
+        numbers = np.asarray(self._nums, dtype=np.int64)
+        return RecordBatch(
             buf=np.frombuffer(buf, dtype=np.uint8), data_off=np.asarray(offs, dtype=np.int64),
             caplen=np.asarray(caps, dtype=np.int64), origlen=np.asarray(origs, dtype=np.int64), ts_ns=ts,
-            iface=iface, first_index=self.next_index, file_offset=file_offset, comments=comments, pkt_flags=flags,
+            iface=iface, first_index=int(numbers[0]), file_offset=file_offset, comments=comments, pkt_flags=flags,
+            numbers=numbers,
         )
-        self.next_index += n
-        return batch
 
 
 def _ticks_to_ns(ticks: np.ndarray, iface: Interface) -> np.ndarray:

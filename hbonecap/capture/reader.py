@@ -36,6 +36,7 @@ class CaptureInfo:
     anomalies: list[tuple] = field(default_factory=list)   # (index|None, layer, kind, detail)
     packets: int = 0
     size: int = 0
+    sections: int = 1
 
     def __repr__(self) -> str:  # never print secrets
         return (f"CaptureInfo(name={self.name!r}, format={self.format!r}, interfaces={len(self.interfaces)}, "
@@ -116,6 +117,7 @@ class CaptureReader:
                 info.comments = list(getattr(w, "comments", []))
                 info.secrets = list(getattr(w, "secrets", []))
                 info.anomalies = list(w.anomalies)
+                info.sections = getattr(w, "sections", 1)
 
     def _read(self, f, n: int) -> bytes:
         try:

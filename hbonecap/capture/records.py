@@ -36,6 +36,13 @@ class RecordBatch:
     file_offset: int           # file offset of buf[0] (of the decompressed stream)
     comments: dict[int, str] = field(default_factory=dict)  # batch position -> packet comment
     pkt_flags: dict[int, int] = field(default_factory=dict)  # batch position -> pcapng epb_flags
+    # Frame numbers when not contiguous from first_index (pcapng custom blocks take a number, as in Wireshark).
+    numbers: np.ndarray | None = None
+
+    def frame_numbers(self) -> np.ndarray:
+        if self.numbers is not None:
+            return self.numbers
+        return np.arange(self.first_index, self.first_index + len(self.data_off), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.data_off)

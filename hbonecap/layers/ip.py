@@ -72,6 +72,9 @@ def decode_ipv4(ctx: DecodeContext, sel: np.ndarray) -> None:
     short = (total < ihl) & ~tso
     ctx.note(sel[short], "ip", "ipv4_bad_total_length", [f"total length {int(t)} < header length" for t in total[short]])
     total = np.where(tso | short, np.maximum(wire, ihl), total)
+    over = total > wire
+    ctx.note(sel[over], "ip", "ipv4_length_exceeds_frame",
+             [f"total length {int(t)} exceeds the {int(w)} bytes on the wire" for t, w in zip(total[over], wire[over])])
     ctx.ipend[sel] = start + total
     mf = (frag & 0x2000) != 0
     fo = frag & 0x1FFF
@@ -101,6 +104,9 @@ def decode_ipv6(ctx: DecodeContext, sel: np.ndarray) -> None:
     _addresses(ctx, sel, 8, 24, 16)
     start = ctx.off[sel] + 40
     wire = np.maximum(ctx.origlen[sel] - start, 0)
+    over = plen > wire
+    ctx.note(sel[over], "ip", "ipv6_length_exceeds_frame",
+             [f"payload length {int(t)} exceeds the {int(w)} bytes on the wire" for t, w in zip(plen[over], wire[over])])
     ctx.ipend[sel] = start + np.where(plen == 0, wire, plen)
     ctx.ext_headers[sel] = 0
     ctx.off[sel] += 40

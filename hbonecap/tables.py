@@ -89,8 +89,11 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
     "connections": _cols(
         ("capture", "category", "capture name"),
         ("conn_id", "int64", "connection number within the analysis"),
-        ("encap", "category", "tunnels the connection was seen inside"),
-        ("vni", "Int64", "innermost VNI"),
+        ("interface", "category", "interface of the first packet"),
+        ("ifindex", "Int64", "SLL2 interface index of the first packet"),
+        ("encap", "category", "tunnels around the client-to-server packets (else the first packet's)"),
+        ("encap_s2c", "category", "tunnels around the server-to-client packets (Istio uses VNI 1001 out, 1000 in)"),
+        ("vni", "Int64", "innermost VNI of the client-to-server packets"),
         ("client", "string", "ip:port of the side that sent the SYN (else the first sender)"),
         ("server", "string", "ip:port of the other side"),
         ("client_ip", "string", "client address"),

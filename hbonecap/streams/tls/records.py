@@ -1,0 +1,130 @@
+"""TLS record layer for one direction of a connection, as an observer.
+
+Follows RFC 8446 section 5.1-5.2 (TLSPlaintext / TLSCiphertext: type, legacy version, 16-bit length; ciphertext
+at most 2**14 + 256 bytes) and RFC 5246 section 6.2 (TLS 1.2 allows 2**14 + 2048). SSLv2-compatible hellos are not
+recognised.
+
+Strategy
+  * `RecordReader.feed(Timed) -> events` buffers at most one record and yields `Record` objects carrying the
+    fragment and the capture times of its first and last byte (`ts_first`, `ts_last`).
+  * Oversized records and unknown content types are reported (`tls_record_too_large`, `tls_bad_record`) and
+    treated as lost sync: the reader then scans for a position where two consecutive plausible record headers
+    start (or one record ends exactly where the data ends) and reports how much it skipped (`tls_resync`).
+  * Gaps (`gap(n)`) and captures starting mid-connection (`state='lost'`) use the same resynchronisation.
+
+Limits
+  * Plausibility accepts content types 20-24 and versions 3.0-3.4 (TLS 1.3 records say 3.3; 3.1 appears in a first
+    ClientHello). A run of bytes in a record that looks like two record headers can fool the resync; decryption
+    (AEAD tags) catches that downstream.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..anomalies import Anomaly
+from ..timeline import Timed, TimedBuffer
+
+CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA, HEARTBEAT = 20, 21, 22, 23, 24
+CONTENT_TYPES = {20: "change_cipher_spec", 21: "alert", 22: "handshake", 23: "application_data", 24: "heartbeat"}
+RECORD_HEADER = struct.Struct(">BHH")
+MAX_RECORD = (1 << 14) + 2048
+RESYNC_WINDOW = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    content_type: int
+    version: int
+    header: bytes         # the 5 header bytes (additional data of AEAD ciphers)
+    fragment: bytes
+    ts_first: int
+    ts_last: int
+    offset: int           # stream offset of the header
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLostSync:
+    offset: int
+    reason: str
+
+
+def plausible(buf, pos: int) -> int:
+    ctype, version, length = RECORD_HEADER.unpack_from(buf, pos)
+    if ctype not in CONTENT_TYPES or version >> 8 != 3 or (version & 0xFF) > 4 or length > MAX_RECORD or not length:
+        return -1
+    return 5 + length
+
+
+def find_record_start(buf, limit: int = RESYNC_WINDOW) -> int:
+    n = len(buf)
+    for pos in range(0, min(n - 5 + 1, limit)):
+        if buf[pos] not in CONTENT_TYPES:
+            continue
+        size = plausible(buf, pos)
+        if size < 0:
+            continue
+        nxt = pos + size
+        if nxt == n or (nxt + 5 <= n and plausible(buf, nxt) >= 0):
+            return pos
+    return -1
+
+
+class RecordReader:
+    def __init__(self, state: str = "records") -> None:
+        """`state`: 'records' (at a record boundary) or 'lost' (mid-connection: scan for records)."""
+        self.buf = TimedBuffer()
+        self.state = state
+        self.records = 0
+
+    def feed(self, piece: Timed) -> list:
+        self.buf.append_timed(piece)
+        return self._run()
+
+    def gap(self, length: int) -> list:
+        off = self.buf.end
+        self.buf.clear()
+        self.buf.start = off + length
+        if self.state == "lost":
+            return []
+        self.state = "lost"
+        return [RecordLostSync(off, "gap"), Anomaly("tls", "tls_lost_sync", f"{length} bytes missing at offset {off}")]
+
+    def close(self) -> list:
+        if len(self.buf) and self.state == "records":
+            return [Anomaly("tls", "tls_truncated_record", f"{len(self.buf)} bytes of an unfinished record at the "
+                                                           f"end of the stream (offset {self.buf.start})")]
+        return []
+
+    def _run(self) -> list:
+        out: list = []
+        buf = self.buf
+        for _ in range(1 << 20):
+            if self.state == "lost":
+                pos = find_record_start(buf.buf)
+                if pos < 0:
+                    if len(buf) > RESYNC_WINDOW + 5:
+                        buf.skip(len(buf) - 5)
+                    return out
+                if pos:
+                    out.append(Anomaly("tls", "tls_resync", f"skipped {pos} bytes to a record start at offset "
+                                                             f"{buf.start + pos}"))
+                buf.skip(pos)
+                self.state = "records"
+            if len(buf) < 5:
+                return out
+            ctype, version, length = RECORD_HEADER.unpack_from(buf.buf, 0)
+            if ctype not in CONTENT_TYPES or version >> 8 != 3 or length > MAX_RECORD:
+                kind = "tls_record_too_large" if length > MAX_RECORD and ctype in CONTENT_TYPES else "tls_bad_record"
+                out.append(Anomaly("tls", kind, f"record header {bytes(buf.buf[:5]).hex()} at offset {buf.start}"))
+                out.append(RecordLostSync(buf.start, kind))
+                self.state = "lost"
+                buf.skip(1)
+                continue
+            if len(buf) < 5 + length:
+                return out
+            offset = buf.start
+            whole = buf.take(5 + length)
+            self.records += 1
+            out.append(Record(ctype, version, whole.data[:5], whole.data[5:], whole.ts_first, whole.ts_last, offset))
+        return out

@@ -241,3 +241,27 @@ def describe(name: str):
     import pandas as pd
 
     return pd.DataFrame([(c.name, c.dtype, c.doc) for c in SCHEMAS[name]], columns=["column", "dtype", "meaning"])
+
+
+def concat(name: str, frames: list):
+    """Concatenate frames of table `name`, keeping categorical columns categorical and dtypes as declared."""
+    import pandas as pd
+    from pandas.api.types import union_categoricals
+
+    frames = [f for f in frames if f is not None and len(f)]
+    if not frames:
+        return empty(name)
+    if len(frames) == 1:
+        return frames[0].reset_index(drop=True)
+    out = {}
+    for c in SCHEMAS[name]:
+        cols = [f[c.name] for f in frames]
+        if c.dtype == "category":
+            cats = []
+            for s in cols:
+                cat = pd.Categorical(s)
+                cats.append(pd.Categorical.from_codes(cat.codes, categories=pd.Index(cat.categories, dtype=object)))
+            out[c.name] = pd.Series(union_categoricals(cats, ignore_order=True))
+        else:
+            out[c.name] = pd.concat(cols, ignore_index=True).astype(c.dtype)
+    return pd.DataFrame(out)

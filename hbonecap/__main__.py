@@ -1,0 +1,3 @@
+from hbonecap.cli import main
+
+main()

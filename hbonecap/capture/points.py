@@ -1,0 +1,79 @@
+"""Capture-point identity: which role a capture plays in the mesh data path and which node it belongs to.
+
+The guess uses, in order: an explicit assignment (CLI `--point`, API `points=`), the file name
+(`node-a-eth0.pcap`, `ztunnel-a-pistioout.pcapng`, `pod-b-eth0.pcap`), pcapng interface names, and traffic
+signatures (Geneve VNI 1000/1001, the 192.168.126.0/30 and 192.168.127.0/30 tunnel addresses, port 15008).
+Every guess carries its reason.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ROLES = ("pod", "node", "istioout", "istioin", "pistioout", "pistioin", "ztunnel", "waypoint", "loopback", "unknown")
+# Device names first: they are more specific than the host kind.
+DEVICE_ROLES = (("pistioout", "pistioout"), ("pistioin", "pistioin"), ("istioout", "istioout"),
+                ("istioin", "istioin"))
+HOST_ROLES = (("waypoint", "waypoint"), ("ztunnel", "ztunnel"), ("pod", "pod"), ("node", "node"),
+              ("worker", "node"), ("control-plane", "node"))
+HOST_RE = re.compile(r"(?:^|[-_.])(node|ztunnel|pod|waypoint|worker)[-_]?([a-z0-9]+)(?=[-_.]|$)")
+
+
+@dataclass(frozen=True)
+class Point:
+    role: str
+    node: str | None
+    reason: str
+
+
+def parse_point(spec: str) -> tuple[str, Point]:
+    """`FILE=ROLE[@NODE]` as given on the command line."""
+    from hbonecap.errors import ManifestError
+
+    if "=" not in spec:
+        raise ManifestError(f"--point {spec!r}: expected FILE=ROLE[@NODE]")
+    name, _, rhs = spec.rpartition("=")
+    role, _, node = rhs.partition("@")
+    role = role.strip().lower()
+    if role not in ROLES:
+        raise ManifestError(f"--point {spec!r}: role must be one of {', '.join(ROLES)}")
+    return name.strip(), Point(role, node.strip() or None, "given")
+
+
+def guess_point(name: str, interfaces: list[str], vnis: set[int], addresses: set[str], ports: set[int]) -> Point:
+    low = name.lower()
+    stem = re.sub(r"\.(pcapng|pcap|cap)(\d*)(\.gz)?$", "", low)
+    tokens = re.split(r"[-_.]", stem)
+    node = None
+    m = HOST_RE.search(stem)
+    if m:
+        node = f"{m.group(1) if m.group(1) != 'worker' else 'node'}-{m.group(2)}"
+        if m.group(1) == "node":
+            node = f"node-{m.group(2)}"
+    for key, role in DEVICE_ROLES:
+        if key in tokens or stem.endswith(key):
+            return Point(role, _node_of(node), f"file name contains '{key}'")
+    for iface in interfaces:
+        il = iface.lower()
+        for key, role in DEVICE_ROLES:
+            if il == key:
+                return Point(role, _node_of(node), f"pcapng interface '{iface}'")
+    if tokens and tokens[-1] in ("lo", "loopback") or any(i.lower() == "lo" for i in interfaces):
+        return Point("loopback", _node_of(node), "loopback interface")
+    for key, role in HOST_ROLES:
+        if key in tokens:
+            return Point(role, _node_of(node), f"file name contains '{key}'")
+    if vnis & {1000, 1001}:
+        return Point("node", None, f"Geneve VNI {sorted(vnis & {1000, 1001})} seen")
+    if 15008 in ports:
+        return Point("node", None, "HBONE port 15008 seen")
+    return Point("unknown", _node_of(node), "no name, interface or traffic hint")
+
+
+def _node_of(node: str | None) -> str | None:
+    """The node a host token names: `node-a` itself, and `ztunnel-a` (one ztunnel per node) lives on node-a.
+    A pod's or waypoint's node is not in its name; correlation places it from the traffic."""
+    if node is None:
+        return None
+    kind, _, rest = node.partition("-")
+    return f"node-{rest}" if kind in ("node", "ztunnel") and rest else None

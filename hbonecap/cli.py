@@ -1,0 +1,220 @@
+"""The `hbonecap` command line: a thin typer layer over `hbonecap.api`.
+
+Errors a user can fix (a file that is not a capture, a bad option) print one line on stderr and exit with 2.
+Heavy modules are imported inside the commands so that `hbonecap --help` starts fast.
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Packet-capture forensics for Istio ambient mesh (Geneve, HBONE, latency per hop).")
+
+
+class TableName(str, Enum):
+    captures = "captures"
+    packets = "packets"
+    connections = "connections"
+    anomalies = "anomalies"
+    tunnels = "tunnels"
+    streams = "streams"
+    requests = "requests"
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    parquet = "parquet"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"hbonecap: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hbonecap import __version__
+
+        typer.echo(f"hbonecap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit.")) -> None:
+    """hbonecap reads pcap/pcapng captures taken across an Istio ambient mesh."""
+
+
+def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
+                  quiet: bool = False):
+    import hbonecap
+    from hbonecap.errors import HbonecapError
+
+    mapping = {}
+    for spec in points or []:
+        name, _, rhs = spec.rpartition("=")
+        if not name:
+            _fail(f"--point {spec!r}: expected FILE=ROLE[@NODE]")
+        mapping[name] = rhs
+    try:
+        if quiet or not sys.stderr.isatty():
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as prog:
+            task = prog.add_task("reading captures", total=None)
+
+            def step(path, done, total):
+                prog.update(task, total=total, completed=done, description=f"read {Path(path).name}")
+
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, progress=step)
+    except HbonecapError as e:
+        _fail(str(e))
+
+
+def _emit(df, fmt: OutFormat, output: Optional[Path], limit: int, title: str, columns: Optional[str]) -> None:
+    from hbonecap.api import write_table
+
+    wanted = [c.strip() for c in columns.split(",")] if columns and columns != "all" else None
+    if wanted:
+        unknown = [c for c in wanted if c not in df.columns]
+        if unknown:
+            _fail(f"--columns: no column {', '.join(unknown)} in {title}")
+    if fmt is OutFormat.table:
+        if output is not None:
+            _fail("--format table prints to the terminal; use csv or parquet with -o")
+        show = wanted or (None if columns == "all" else DISPLAY_COLUMNS.get(title))
+        print_table(df, title, limit, show)
+        return
+    if wanted:
+        df = df[wanted]
+        return
+    if fmt is OutFormat.parquet and output is None:
+        _fail("--format parquet needs -o PATH")
+    if output is None:
+        import io
+
+        buf = io.StringIO()
+        df2 = df.copy()
+        df2.to_csv(buf, index=False)
+        sys.stdout.write(buf.getvalue())
+        return
+    write_table(df, output, fmt.value)
+    typer.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
+DISPLAY_COLUMNS = {
+    "packets": ["index", "ts", "interface", "encap", "outer_src", "outer_dst", "src", "sport", "dst", "dport", "proto",
+                "tcp_flags", "payload_len"],
+    "connections": ["capture", "conn_id", "encap", "client", "server", "first_ts", "packets_c2s", "packets_s2c",
+                    "bytes_c2s", "bytes_s2c", "retransmissions", "state", "handshake_rtt_ms"],
+    "anomalies": ["capture", "index", "layer", "kind", "detail"],
+}
+TCP_FLAG_LETTERS = "FSRPAUEC"
+
+
+def tcp_flags_text(v) -> str:
+    if _isna(v):
+        return ""
+    v = int(v)
+    return "".join(ch for i, ch in enumerate(TCP_FLAG_LETTERS) if v & (1 << i)) + ("N" if v & 0x100 else "")
+
+
+def print_table(df, title: str, limit: int = 50, columns: list[str] | None = None) -> None:
+    """Render a DataFrame as a rich table; values are shown as text (rich markup is not interpreted)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    if columns:
+        df = df[[c for c in columns if c in df.columns]]
+    if "tcp_flags" in df.columns:
+        df = df.assign(tcp_flags=df["tcp_flags"].map(tcp_flags_text))
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    t = Table(title=f"{title} ({len(df)} rows{', first ' + str(limit) if len(df) > limit else ''})")
+    for c in df.columns:
+        t.add_column(str(c), overflow="fold")
+    for row in df.head(limit).itertuples(index=False):
+        t.add_row(*[Text("" if _isna(v) else str(v)) for v in row])
+    console.print(t)
+
+
+def _isna(v) -> bool:
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+@app.command()
+def decode(
+    files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
+    table: TableName = typer.Option(TableName.packets, "--table", "-t", help="Which table to show."),
+    fmt: OutFormat = typer.Option(OutFormat.table, "--format", "-f", help="table (terminal), csv or parquet."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file."),
+    limit: int = typer.Option(50, "--limit", help="Rows shown with --format table."),
+    columns: Optional[str] = typer.Option(None, "--columns", "-c",
+                                          help="Comma-separated columns, or 'all' (the terminal shows a summary set)."),
+    jobs: Optional[int] = typer.Option(1, "--jobs", "-j", help="Processes (one capture each)."),
+) -> None:
+    """Decode captures (through Geneve and VXLAN) into the packets, connections or anomalies table."""
+    a = _run_analysis(files, None, None, jobs, quiet=fmt is not OutFormat.table)
+    _emit(a.table(table.value), fmt, output, limit, table.value, columns)
+
+
+@app.command()
+def correlate(
+    files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
+    keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log (SSLKEYLOGFILE) for TLS."),
+    point: Optional[List[str]] = typer.Option(None, "--point", "-p", help="FILE=ROLE[@NODE] capture-point override."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write every table to."),
+    fmt: OutFormat = typer.Option(OutFormat.parquet, "--format", "-f", help="parquet or csv for -o."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
+) -> None:
+    """Analyse a capture set: capture points, connections, HBONE tunnels and streams, anomalies."""
+    if keylog is not None and not keylog.exists():
+        _fail(f"{keylog}: key log not found")
+    a = _run_analysis(files, keylog, point, jobs)
+    cap = a.captures[["capture", "format", "role", "node", "packets", "first_ts", "last_ts", "anomalies", "role_reason"]]
+    print_table(cap, "captures and roles")
+    if len(a.connections):
+        print_table(a.connections, "TCP connections", 30, DISPLAY_COLUMNS["connections"])
+        summary = a.connections.groupby(["capture", "state"], observed=True).size().reset_index(name="connections")
+        print_table(summary, "TCP connections by state")
+    for name in ("tunnels", "streams"):
+        df = a.table(name)
+        if len(df):
+            print_table(df.drop(columns=[c for c in ("headers", "response_headers") if c in df.columns]), name, 20)
+    if len(a.anomalies):
+        s = a.anomalies.groupby(["capture", "kind"]).size().reset_index(name="count")
+        print_table(s, "anomalies")
+    if output is not None:
+        if fmt is OutFormat.table:
+            _fail("-o writes parquet or csv")
+        written = a.save(output, fmt.value)
+        typer.echo(f"wrote {len(written)} tables to {output}", err=True)
+
+
+@app.command()
+def schema(table: Optional[TableName] = typer.Argument(None, help="Table to describe (all when omitted).")) -> None:
+    """Describe the columns of the tables hbonecap produces."""
+    from hbonecap import tables
+
+    for name in ([table.value] if table else list(tables.SCHEMAS)):
+        print_table(tables.describe(name), name, 200)
+
+
+def main() -> None:
+    app(prog_name="hbonecap")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+def build(run, points, started, ended):
+    return {"scenario": run.name, "capture_points": points}

@@ -123,6 +123,7 @@ class ClientHello:
 class ServerHello:
     legacy_version: int
     random: bytes
+    session_id: bytes
     cipher_suite: int
     version: int            # negotiated: supported_versions if present, else legacy_version
     alpn: str | None        # TLS 1.2 carries ALPN here; TLS 1.3 in EncryptedExtensions
@@ -157,7 +158,7 @@ def parse_server_hello(body: bytes) -> ServerHello:
     c = _Cursor(body)
     version = c.u16()
     random = c.take(32)
-    c.vec(1)
+    session_id = c.vec(1)
     suite = c.u16()
     c.u8()
     ext = _extensions(c)
@@ -168,7 +169,7 @@ def parse_server_hello(body: bytes) -> ServerHello:
     if EXT_ALPN in ext:
         names = _alpn_list(ext[EXT_ALPN])
         alpn = names[0] if names else None
-    return ServerHello(version, random, suite, selected, alpn, random == HRR_RANDOM)
+    return ServerHello(version, random, session_id, suite, selected, alpn, random == HRR_RANDOM)
 
 
 def parse_encrypted_extensions(body: bytes) -> str | None:

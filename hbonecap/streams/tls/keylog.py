@@ -4,7 +4,8 @@ Follows the NSS key log format (IETF draft-ietf-tls-keylogfile): one ``<label> <
 per line, ``#`` comments, blank lines. Labels: ``CLIENT_RANDOM`` (TLS 1.2 master secret, 48 bytes),
 ``CLIENT_EARLY_TRAFFIC_SECRET``, ``CLIENT_HANDSHAKE_TRAFFIC_SECRET``, ``SERVER_HANDSHAKE_TRAFFIC_SECRET``,
 ``CLIENT_TRAFFIC_SECRET_0``, ``SERVER_TRAFFIC_SECRET_0``, ``EARLY_EXPORTER_SECRET``, ``EXPORTER_SECRET`` (TLS 1.3,
-hash-length secrets), and ``RSA`` (pre-master secret by encrypted-PMS prefix; parsed, not used).
+hash-length secrets), ``RSA <8-byte prefix> <pre-master>`` (parsed, not used) and Wireshark's older
+``RSA Session-ID:<hex> Master-Key:<hex>`` (TLS 1.2 master secret by session id; used).
 
 Strategy: `KeyLog.parse(text)` never raises on content: each bad line becomes a `keylog_bad_line` anomaly with its
 line number (the index column) and a description that never includes secret values; every good line is used.
@@ -34,12 +35,13 @@ class KeyLog:
         self.name = name
         self.secrets: dict[bytes, dict[str, bytes]] = {}
         self.rsa: dict[bytes, bytes] = {}
+        self.session_masters: dict[bytes, bytes] = {}   # session id -> TLS 1.2 master secret
         self.anomalies: list[Anomaly] = []
         self.lines_used = 0
         self.generation = 0  # bumped whenever secrets are added
 
     def __len__(self) -> int:
-        return len(self.secrets)
+        return len(self.secrets) + len(self.session_masters)
 
     def __repr__(self) -> str:  # never show secrets
         return f"KeyLog({self.name!r}, {len(self.secrets)} client randoms)"
@@ -80,6 +82,20 @@ class KeyLog:
             if label not in LABELS:
                 shown = label[:40] if label.replace("_", "").isalpha() and label.isupper() else f"of {len(label)} chars"
                 bad(lineno, f"unknown label {shown}")
+                continue
+            if label == "RSA" and len(parts) == 3 and parts[1].startswith(b"Session-ID:") \
+                    and parts[2].startswith(b"Master-Key:"):
+                try:
+                    sid = bytes.fromhex(parts[1][11:].decode("ascii"))
+                    master = bytes.fromhex(parts[2][11:].decode("ascii"))
+                except (ValueError, UnicodeDecodeError):
+                    bad(lineno, "RSA Session-ID: a field is not hexadecimal")
+                    continue
+                if not 1 <= len(sid) <= 32 or len(master) != 48:
+                    bad(lineno, "RSA Session-ID: expected a 1-32 byte session id and a 48-byte master secret")
+                    continue
+                self.session_masters.setdefault(sid, master)
+                self.lines_used += 1
                 continue
             if len(parts) != 3:
                 bad(lineno, f"{label}: expected 3 fields, found {len(parts)}")
@@ -128,6 +144,8 @@ class KeyLog:
             self.secrets.setdefault(cr, {}).update({k: v for k, v in entry.items()
                                                    if k not in self.secrets.get(cr, {})})
         self.rsa.update(other.rsa)
+        for k, v in other.session_masters.items():
+            self.session_masters.setdefault(k, v)
         self.anomalies += other.anomalies
         self.generation += 1
 
@@ -140,6 +158,6 @@ def load(path: str | Path, name: str | None = None) -> KeyLog:
     except OSError as e:
         raise KeylogError(str(p), f"cannot read: {e.strerror or e}") from e
     kl = KeyLog.parse(data, name or p.name)
-    if not kl.secrets and not kl.rsa:
+    if not kl.secrets and not kl.rsa and not kl.session_masters:
         raise KeylogError(str(p), f"no usable key log line ({len(kl.anomalies)} bad lines)")
     return kl

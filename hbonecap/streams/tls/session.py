@@ -162,7 +162,8 @@ class TlsSession:
         if (self.version == 0x0304 and self.suite not in TLS13_SUITES) or \
                 (self.version != 0x0304 and self.suite not in TLS12_SUITES):
             return f"unsupported cipher suite {self.suite_name}"
-        if self.keylog.secrets.get(self.client_hello.random) is None:
+        if self.keylog.secrets.get(self.client_hello.random) is None and not (
+                self.server_hello is not None and self.server_hello.session_id in self.keylog.session_masters):
             return "client random not in the key log"
         if self.undecrypted[0] or self.undecrypted[1]:
             return "decryption failed (wrong or incomplete secrets)"
@@ -243,7 +244,10 @@ class TlsSession:
                 self._once(out, "tls_unsupported_suite", f"TLS suite {self.suite_name} is not decrypted")
                 return
             master = kl.get(cr, "CLIENT_RANDOM")
+            if master is None and self.server_hello.session_id:
+                master = kl.session_masters.get(self.server_hello.session_id)
             if master is None:
+                self._once(out, "tls_no_key", "neither the client random nor the session id is in the key log")
                 return
             ck, sk = tls12_keys(self.suite, master, cr, self.server_hello.random)
             for d, k in ((0, ck), (1, sk)):

@@ -1,0 +1,632 @@
+"""The stream driver: TCP segments of one capture in, `tunnels` / `streams` / `requests` / anomaly rows out.
+
+`StreamAnalyzer` glues the sans-I/O stages together; it does no I/O itself. Per TCP connection (keyed by capture,
+encapsulation and the 4-tuple; a SYN with a new ISN after data or a close starts a new connection) it runs a
+`TcpReassembler` and a protocol stack chosen from the first bytes, on any port:
+
+* TLS (a handshake record, or for mid-stream captures a plausible record header) -> `TlsSession`; its decrypted
+  application bytes go to a nested stack (ALPN ``h2`` selects HTTP/2);
+* the HTTP/2 client preface, or plausible frames mid-stream -> `Http2Connection` -> `HboneObserver`; each CONNECT
+  stream's tunnelled bytes go to their own nested stack (HTTP/1, PROXY v2, TLS + HTTP/2 for double HBONE...);
+* an HTTP/1 request line -> `Http1Connection` (CONNECT and ``Upgrade: h2c`` switch to the next protocol);
+* the PROXY v2 signature -> the header is read, the rest analysed again;
+* anything else is opaque.
+
+Nesting is bounded (`MAX_DEPTH`), every buffer is bounded (reassembly caps, detection window, retained tunnel bytes
+and plaintext per direction), idle and closed connections are flushed as the capture advances.
+
+Results (`StreamResults`): rows keyed by the columns of ``hbonecap.tables.SCHEMAS``; timestamps are int ns since
+the epoch or None. Also the tunnelled bytes of each CONNECT stream with their capture times
+(`tunnel_bytes[(tunnel_id, stream_id)]`, bounded), the TLS record timeline of every TLS connection
+(`records[tunnel_id]`, for keyless analysis), every decoded HTTP/2 header block (`http2_headers`) and, when asked
+for, the decrypted TLS plaintext (`plaintext[tunnel_id]`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import DEFAULT_CONFIG, HBONE_PORT
+from ..layers.segments import TcpSegment
+from . import hbone as hb
+from .anomalies import Anomaly
+from .http2.connection import H2Data, H2GoAway, H2Headers, H2Reset, Http2Connection
+from .http2.frames import PREFACE
+from .http2.frames import plausible as h2_plausible
+from .inner import proxy_v2
+from .inner.http1 import (Http1Connection, Http1Request, Http1Response, Http1Switch, looks_like_request,
+                          looks_like_response)
+from .reassembly import ACK, FIN, RST, SYN, StreamData, StreamEnd, StreamGap, TcpReassembler
+from .timeline import Timed, TimedBuffer
+from .tls.keylog import KeyLog
+from .tls.records import find_record_start
+from .tls.records import plausible as tls_plausible
+from .tls.session import TlsAlert, TlsAppData, TlsPlainGap, TlsSession
+
+MAX_DEPTH = 4
+DETECT_WINDOW = 16 * 1024
+TUNNEL_BYTES_CAP = 1 << 20          # retained tunnelled bytes per stream and direction
+PLAINTEXT_CAP = 16 << 20            # retained decrypted bytes per TLS connection and direction (keep_plaintext)
+MAX_HEADER_LOG = 200_000
+IDLE_NS = 15 * 60 * 10**9
+CLOSED_LINGER_NS = 60 * 10**9
+FLUSH_EVERY = 4096
+MAX_CONNECTIONS = 200_000
+SERVER_PORTS = frozenset({HBONE_PORT, 15001, 15006, 15088, 15053, 80, 443, 8080, 8443})
+
+
+@dataclass(slots=True)
+class TimedBytes:
+    """Retained bytes of one direction with capture-time marks ``(offset, ts_ns)``; `total` counts every byte seen."""
+
+    data: bytearray = field(default_factory=bytearray)
+    marks: list = field(default_factory=list)
+    total: int = 0
+    truncated: bool = False
+    gaps: int = 0
+
+    def add(self, piece: Timed, cap: int) -> None:
+        room = cap - len(self.data)
+        n = len(piece.data)
+        if room > 0:
+            base = len(self.data)
+            take = min(room, n)
+            for off, ts in piece.marks:
+                if off >= take:
+                    break
+                if not self.marks or self.marks[-1][1] != ts:
+                    self.marks.append((base + off, ts))
+            self.data += piece.data[:take] if take < n else piece.data
+        if n > max(room, 0):
+            self.truncated = True
+        self.total += n
+
+    def ts_at(self, offset: int) -> int | None:
+        ts = None
+        for off, t in self.marks:
+            if off > offset:
+                break
+            ts = t
+        return ts
+
+
+@dataclass
+class StreamResults:
+    tunnels: list[dict] = field(default_factory=list)
+    streams: list[dict] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+    tunnel_bytes: dict[tuple[str, int], tuple[TimedBytes, TimedBytes]] = field(default_factory=dict)
+    records: dict[str, list[tuple[int, int, int, int, int]]] = field(default_factory=dict)
+    http2_headers: list[dict] = field(default_factory=list)
+    plaintext: dict[str, tuple[TimedBytes, TimedBytes]] = field(default_factory=dict)
+
+    def frame(self, name: str):
+        """One of the tables as a DataFrame with the declared dtypes."""
+        from ..tables import columns, frame
+
+        rows = getattr(self, name)
+        cols = columns(name)
+        return frame(name, {c: [r.get(c) for r in rows] for c in cols} if rows else {})
+
+
+class _Ctx:
+    """What every stack of one analyzer shares."""
+
+    def __init__(self, keylog: KeyLog | None, keep_plaintext: bool, config) -> None:
+        self.results = StreamResults()
+        self.keylog = keylog
+        self.keep_plaintext = keep_plaintext
+        self.config = config
+        self.capture = ""
+        self.index: int | None = None
+        self.header_log_dropped = 0
+
+    def anomaly(self, a: Anomaly) -> None:
+        row = a.row(self.capture)
+        if row["index"] is None:
+            row["index"] = self.index
+        self.results.anomalies.append(row)
+
+
+class _Conn:
+    __slots__ = ("key", "conn_id", "capture", "encap", "client", "server", "reasm", "stack", "first_ts", "last_ts",
+                 "bytes", "syn_isn", "ended", "midstream", "last_index")
+
+    def __init__(self, key, conn_id: int, capture: str, encap: str, client, server, midstream: bool) -> None:
+        self.key, self.conn_id, self.capture, self.encap = key, conn_id, capture, encap
+        self.client, self.server = client, server
+        self.reasm = TcpReassembler()
+        self.stack: _Stack | None = None
+        self.first_ts = self.last_ts = -1
+        self.bytes = [0, 0]
+        self.syn_isn: int | None = None
+        self.ended = [False, False]
+        self.midstream = midstream
+        self.last_index = 0
+
+
+def _addr(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class _Stack:
+    """Protocol detection and dispatch over one bidirectional byte stream (a TCP connection, TLS plaintext, or the
+    tunnelled bytes of a CONNECT stream)."""
+
+    def __init__(self, ctx: _Ctx, conn: _Conn, sid: str, depth: int, midstream: bool, hint: str | None = None,
+                 owner: tuple[str, int, hb.TunnelStream] | None = None, under_tls: "_Stack | None" = None,
+                 server_port: int | None = None) -> None:
+        self.ctx, self.conn, self.sid, self.depth = ctx, conn, sid, depth
+        self.midstream = midstream
+        self.hint = hint
+        self.owner = owner                  # (tunnel_id, stream_id, TunnelStream) when inside a CONNECT stream
+        self.under_tls = under_tls
+        self.server_port = server_port
+        self.state = "detect"
+        self.pend = (TimedBuffer(), TimedBuffer())
+        self.tls: TlsSession | None = None
+        self.h2: Http2Connection | None = None
+        self.hbone: hb.HboneObserver | None = None
+        self.http1: Http1Connection | None = None
+        self.child: _Stack | None = None
+        self.children: dict[int, _Stack] = {}
+        self.proxy: proxy_v2.ProxyHeader | None = None
+        self.proxy_buf = bytearray()
+        self.first_ts: int | None = None
+        self.last_ts: int | None = None
+        self.bytes = [0, 0]
+        self.child_gap = [False, False]
+        self.closed = False
+        if hint == "h2":
+            self._start_h2(midstream)
+
+    # -- input ------------------------------------------------------------------------------------------------------
+    def data(self, d: int, piece: Timed) -> None:
+        if not piece.data:
+            return
+        if self.first_ts is None:
+            self.first_ts = piece.ts_first
+        self.last_ts = piece.ts_last
+        self.bytes[d] += len(piece.data)
+        st = self.state
+        if st == "detect":
+            self.pend[d].append_timed(piece)
+            self._detect()
+        elif st == "tls":
+            self._tls_events(self.tls.feed(d, piece))
+        elif st == "h2":
+            self._h2_events(self.h2.feed(d, piece))
+        elif st == "http1":
+            self._http1_events(self.http1.feed(d, piece))
+        elif st == "proxy":
+            self._proxy(d, piece)
+        elif st == "child":
+            self.child.data(d, piece)
+
+    def gap(self, d: int, length: int) -> None:
+        st = self.state
+        if st == "detect":
+            self.pend[d].clear()
+            self.midstream = True
+        elif st == "tls":
+            self._tls_events(self.tls.gap(d, length))
+        elif st == "h2":
+            self._h2_events(self.h2.gap(d, length))
+        elif st == "http1":
+            self._http1_events(self.http1.gap(d, length))
+        elif st in ("child", "proxy") and self.child is not None:
+            self.child.gap(d, length)
+
+    def end(self, d: int) -> None:
+        if self.state == "child" and self.child is not None:
+            self.child.end(d)
+
+    # -- detection --------------------------------------------------------------------------------------------------
+    def _detect(self) -> None:
+        c, s = self.pend[0].buf, self.pend[1].buf
+        choice = None
+        if self.depth > MAX_DEPTH:
+            choice = "opaque"
+        elif not self.midstream:
+            if c:
+                if c[0] == 0x16 and (len(c) < 2 or c[1] == 3):
+                    choice = "tls" if len(c) >= 2 else None
+                elif PREFACE.startswith(bytes(c[:24])) or bytes(c[:24]) == PREFACE[:24]:
+                    choice = "h2" if len(c) >= len(PREFACE) else None
+                elif proxy_v2.looks_like(bytes(c[:12])):
+                    choice = "proxy" if len(c) >= 12 else None
+                elif looks_like_request(bytes(c[:16])):
+                    choice = "http1"
+                elif len(c) < 8 and any(m.startswith(bytes(c)) for m in (b"GET", b"POST", b"CONNECT", b"OPTIONS",
+                                                                          b"DELETE", b"PATCH", b"HEAD", b"PUT")):
+                    choice = None
+                else:
+                    choice = "opaque"
+            elif len(s) > 4096:
+                choice = "opaque"
+        else:
+            for buf in (c, s):
+                if len(buf) >= 5 and tls_plausible(buf, 0) > 0:
+                    choice = "tls"
+                    break
+                if looks_like_request(bytes(buf[:16])) or (len(buf) >= 8 and looks_like_response(bytes(buf[:8]))):
+                    choice = "http1"
+                    break
+                if len(buf) >= 9 and h2_plausible(buf, 0) > 0:
+                    choice = "h2"
+                    break
+            if choice is None and len(c) + len(s) > DETECT_WINDOW:
+                choice = "tls" if find_record_start(bytes(c)) >= 0 or find_record_start(bytes(s)) >= 0 else "opaque"
+        if choice is None:
+            if len(c) + len(s) > 4 * DETECT_WINDOW:
+                choice = "opaque"
+            else:
+                return
+        self._choose(choice)
+
+    def _choose(self, choice: str) -> None:
+        pend = [self.pend[0].take(len(self.pend[0])), self.pend[1].take(len(self.pend[1]))]
+        if choice == "tls":
+            self.state = "tls"
+            self.tls = TlsSession(self.ctx.keylog, midstream=self.midstream)
+        elif choice == "h2":
+            self._start_h2(self.midstream)
+        elif choice == "http1":
+            self.state = "http1"
+            self.http1 = Http1Connection(midstream=self.midstream)
+        elif choice == "proxy":
+            self.state = "proxy"
+            self.child = _Stack(self.ctx, self.conn, self.sid, self.depth + 1, False, owner=self.owner,
+                                under_tls=self.under_tls)
+        else:
+            self.state = "opaque"
+        self.bytes = [self.bytes[0] - len(pend[0].data), self.bytes[1] - len(pend[1].data)]
+        for d in (0, 1):
+            if pend[d].data:
+                self.data(d, pend[d])
+
+    def _start_h2(self, midstream: bool, client_preface: bool = True) -> None:
+        self.state = "h2"
+        self.h2 = Http2Connection(midstream=midstream, client_preface=client_preface)
+        self.hbone = hb.HboneObserver(midstream=midstream)
+
+    # -- TLS --------------------------------------------------------------------------------------------------------
+    def _tls_events(self, events: list) -> None:
+        ctx = self.ctx
+        for e in events:
+            if isinstance(e, TlsAppData):
+                if ctx.keep_plaintext:
+                    pt = ctx.results.plaintext.setdefault(self.sid, (TimedBytes(), TimedBytes()))
+                    pt[e.direction].add(e.data, PLAINTEXT_CAP)
+                if self.child is None:
+                    alpn = self.tls.alpn
+                    hint = "h2" if alpn == "h2" else None
+                    mid = self.tls.midstream or self.child_gap[0] or self.child_gap[1]
+                    self.child = _Stack(ctx, self.conn, self.sid, self.depth + 1, mid, hint=hint, owner=self.owner,
+                                        under_tls=self)
+                self.child.data(e.direction, e.data)
+            elif isinstance(e, TlsPlainGap):
+                if self.child is not None:
+                    self.child.gap(e.direction, 0)
+                else:
+                    self.child_gap[e.direction] = True
+            elif isinstance(e, Anomaly):
+                ctx.anomaly(e)
+            elif isinstance(e, TlsAlert):
+                pass
+
+    # -- HTTP/2 and HBONE -------------------------------------------------------------------------------------------
+    def _h2_events(self, events: list) -> None:
+        ctx = self.ctx
+        for e in events:
+            if isinstance(e, Anomaly):
+                ctx.anomaly(e)
+                continue
+            if isinstance(e, H2Headers):
+                log = ctx.results.http2_headers
+                if len(log) < MAX_HEADER_LOG:
+                    log.append({"capture": ctx.capture, "conn_id": self.conn.conn_id, "tunnel_id": self.sid,
+                                "direction": e.direction, "stream_id": e.stream_id, "ts": e.ts_ns, "exact": e.exact,
+                                "headers": None if e.headers is None else
+                                [(k.decode("utf-8", "backslashreplace"), v.decode("utf-8", "backslashreplace"))
+                                 for k, v in e.headers]})
+                else:
+                    ctx.header_log_dropped += 1
+            if isinstance(e, (H2Headers, H2Data, H2Reset, H2GoAway)):
+                for t in self.hbone.feed(e):
+                    self._tunnel_event(t)
+
+    def _tunnel_event(self, t) -> None:
+        ctx = self.ctx
+        if isinstance(t, hb.TunnelBytes):
+            key = (self.sid, t.stream_id)
+            tb = ctx.results.tunnel_bytes.setdefault(key, (TimedBytes(), TimedBytes()))
+            tb[t.direction].add(t.data, TUNNEL_BYTES_CAP)
+            child = self.children.get(t.stream_id)
+            if child is None:
+                stream = self.hbone.streams[t.stream_id]
+                child = self.children[t.stream_id] = _Stack(
+                    ctx, self.conn, f"{self.sid}/s{t.stream_id}", self.depth + 1, stream.midstream,
+                    owner=(self.sid, t.stream_id, stream))
+            child.data(t.direction, t.data)
+        elif isinstance(t, hb.TunnelClosed):
+            child = self.children.get(t.stream_id)
+            if child is not None:
+                for d in ((0, 1) if t.direction < 0 else (t.direction,)):
+                    child.end(d)
+        elif isinstance(t, Anomaly):
+            ctx.anomaly(t)
+
+    # -- HTTP/1 -----------------------------------------------------------------------------------------------------
+    def _request_row(self, req: Http1Request | None, rsp: Http1Response | None) -> None:
+        owner = self.owner
+        self.ctx.results.requests.append({
+            "capture": self.ctx.capture, "conn_id": self.conn.conn_id,
+            "tunnel_id": owner[0] if owner else None, "stream_id": owner[1] if owner else None,
+            "method": req.method if req else None, "host": req.header("host") if req else None,
+            "path": req.target if req else None, "status": rsp.status if rsp else None,
+            "request_ts": req.ts_first if req else None, "response_ts": rsp.ts_first if rsp else None,
+        })
+
+    def _http1_events(self, events: list) -> None:
+        for e in events:
+            if isinstance(e, Http1Response):
+                if e.status >= 200 or e.status == 101:
+                    self._request_row(e.request, e)
+            elif isinstance(e, Anomaly):
+                self.ctx.anomaly(e)
+            elif isinstance(e, Http1Switch):
+                if e.protocol == "h2c":
+                    self._start_h2(False, client_preface=True)
+                    for d in (0, 1):
+                        if e.leftover[d].data:
+                            self._h2_events(self.h2.feed(d, e.leftover[d]))
+                else:
+                    self.state = "child"
+                    self.child = _Stack(self.ctx, self.conn, f"{self.sid}/connect", self.depth + 1, False,
+                                        owner=self.owner, under_tls=self.under_tls)
+                    for d in (0, 1):
+                        if e.leftover[d].data:
+                            self.child.data(d, e.leftover[d])
+
+    # -- PROXY v2 ---------------------------------------------------------------------------------------------------
+    def _proxy(self, d: int, piece: Timed) -> None:
+        if d == 1 or self.proxy is not None:
+            self.child.data(d, piece)
+            return
+        before = len(self.proxy_buf)
+        self.proxy_buf += piece.data
+        try:
+            hdr = proxy_v2.parse(bytes(self.proxy_buf[:16 + 65535]))
+        except proxy_v2.ProxyV2Error as e:
+            self.ctx.anomaly(Anomaly("proxy", "proxy_v2_malformed", str(e)))
+            self.proxy = proxy_v2.ProxyHeader(0, "invalid", 0, None, None, None, None)
+            self.child.data(0, Timed.at(bytes(self.proxy_buf), piece.ts_last))
+            self.proxy_buf.clear()
+            return
+        if hdr is None:
+            if len(self.proxy_buf) > 16 + 65535:
+                self.ctx.anomaly(Anomaly("proxy", "proxy_v2_malformed", "header longer than possible"))
+                self.state = "opaque"
+            return
+        self.proxy = hdr
+        if self.owner is not None:
+            self.owner[2].proxy = hdr
+        rest = hdr.length - before
+        self.proxy_buf.clear()
+        if rest < len(piece.data):
+            self.child.data(0, piece.slice(rest, len(piece.data)))
+
+    # -- results ----------------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """What this byte stream turned out to be (for streams.inner)."""
+        if self.state == "tls":
+            child = self.child.describe() if self.child else None
+            return "hbone" if child == "hbone" else "tls"
+        if self.state == "h2":
+            return "hbone" if self.hbone and self.hbone.connects else "http2"
+        if self.state == "http1":
+            return "http1"
+        if self.state == "proxy":
+            return "proxy-v2"
+        if self.state == "child":
+            return self.child.describe() if self.child else "opaque"
+        if self.state == "detect":
+            return "opaque" if not (self.bytes[0] or self.bytes[1] or len(self.pend[0]) or len(self.pend[1])) \
+                else "unknown"
+        return "opaque"
+
+    def _is_tunnel(self) -> tuple[bool, str]:
+        if self.state == "tls":
+            child = self.child
+            if child is not None and child.state == "h2" and child.hbone and child.hbone.connects:
+                return True, "connect"
+            port = self.server_port
+            if port == HBONE_PORT:
+                return True, "port"
+            t = self.tls
+            ch = t.client_hello
+            if self.depth > 0 and self.owner is not None:
+                # TLS inside a CONNECT stream: double HBONE when it carries h2
+                if t.alpn == "h2" or (ch is not None and "h2" in ch.alpn):
+                    return True, "nested-tls-h2"
+            return False, ""
+        if self.state == "h2" and self.hbone is not None and self.hbone.connects and self.under_tls is None:
+            return True, "connect"
+        return False, ""
+
+    def close(self, last_ts: int | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.ctx
+        if self.state == "detect" and (len(self.pend[0]) or len(self.pend[1])):
+            self._choose("opaque")
+        if self.tls is not None:
+            self._tls_events(self.tls.close())
+            ctx.results.records[self.sid] = self.tls.timeline
+        if self.h2 is not None:
+            self._h2_events(self.h2.close())
+            for t in self.hbone.close(last_ts):
+                self._tunnel_event(t)
+        if self.http1 is not None:
+            self._http1_events(self.http1.close())
+            for req in self.http1.pending:
+                self._request_row(req, None)
+            self.http1.pending.clear()
+        if self.child is not None:
+            self.child.close(last_ts)
+        for child in self.children.values():
+            child.close(last_ts)
+        if self.hbone is not None:
+            for s in self.hbone.streams.values():
+                child = self.children.get(s.stream_id)
+                s.inner = child.describe() if child is not None else None
+                row = s.row()
+                px = s.proxy
+                row.update({"capture": ctx.capture, "tunnel_id": self.sid,
+                            "proxy_src": _addr(px.src, px.sport) if px and px.src else None,
+                            "proxy_dst": _addr(px.dst, px.dport) if px and px.dst else None,
+                            "peer_identity": px.peer_identity if px else None})
+                ctx.results.streams.append(row)
+        is_tunnel, evidence = self._is_tunnel()
+        if is_tunnel:
+            self._tunnel_row(evidence, last_ts)
+
+    def _tunnel_row(self, evidence: str, last_ts: int | None) -> None:
+        conn, ctx = self.conn, self.ctx
+        t = self.tls
+        h2_stack = self.child if t is not None else self
+        hbone = h2_stack.hbone if h2_stack is not None else None
+        nested = self.owner is not None
+        row = {
+            "capture": ctx.capture, "tunnel_id": self.sid, "conn_id": conn.conn_id, "encap": conn.encap,
+            "client": _addr(*conn.client), "server": _addr(*conn.server),
+            "start": self.first_ts if nested else conn.first_ts, "end": self.last_ts if nested else conn.last_ts,
+            "tls_version": t.version_name if t else None, "cipher_suite": t.suite_name if t else None,
+            "alpn": t.alpn if t else None, "sni": t.sni if t else None,
+            "decrypted": bool(t.is_decrypted) if t else None,
+            "why_not": (t.why_not if t and not t.is_decrypted else None) if t else "no TLS (cleartext HTTP/2)",
+            "client_spiffe": t.spiffe[0] if t else None, "server_spiffe": t.spiffe[1] if t else None,
+            "streams": len(hbone.streams) if hbone else 0,
+            "bytes_c2s": self.bytes[0] if nested else conn.bytes[0],
+            "bytes_s2c": self.bytes[1] if nested else conn.bytes[1],
+            "evidence": evidence, "depth": self.depth,
+            "parent_tunnel_id": self.owner[0] if nested else None,
+            "parent_stream_id": self.owner[1] if nested else None,
+            "records": len(t.timeline) if t else None,
+        }
+        ctx.results.tunnels.append(row)
+
+
+class StreamAnalyzer:
+    """Stateful analysis of every TCP connection of one capture.
+
+    ``feed(seg)`` with the segments of all TCP connections in capture order, ``add_secrets(text)`` whenever key log
+    text arrives (pcapng Decryption Secrets Blocks), then ``close()`` for the `StreamResults`.
+    """
+
+    def __init__(self, keylog: KeyLog | None = None, config=DEFAULT_CONFIG, keep_plaintext: bool = False) -> None:
+        self.ctx = _Ctx(keylog, keep_plaintext, config)
+        self.conns: dict[tuple, _Conn] = {}
+        self.next_conn_id = 0
+        self.segments = 0
+        self.closed = False
+        if keylog is not None:
+            for a in keylog.anomalies:
+                row = a.row(keylog.name)
+                self.ctx.results.anomalies.append(row)
+
+    def add_secrets(self, text: bytes | str, name: str = "dsb") -> None:
+        """Key log text found at run time (a pcapng DSB payload); bad lines become anomaly rows."""
+        if self.ctx.keylog is None:
+            self.ctx.keylog = KeyLog(name)
+        for a in self.ctx.keylog.add(text, name):
+            self.ctx.anomaly(a)
+
+    def _new_conn(self, seg: TcpSegment, key) -> _Conn:
+        a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
+        flags = seg.flags
+        midstream = not flags & SYN
+        if flags & SYN:
+            client, server = (a, b) if not flags & ACK else (b, a)
+        elif seg.sport in SERVER_PORTS and seg.dport not in SERVER_PORTS or \
+                (seg.sport < 1024 <= seg.dport and seg.dport not in SERVER_PORTS):
+            client, server = b, a
+        else:
+            client, server = a, b
+        c = _Conn(key, self.next_conn_id, seg.capture, seg.encap, client, server, midstream)
+        self.next_conn_id += 1
+        c.first_ts = seg.ts_ns
+        c.stack = _Stack(self.ctx, c, f"c{c.conn_id}", 0, midstream, server_port=server[1])
+        if len(self.conns) >= MAX_CONNECTIONS:
+            oldest = min(self.conns.values(), key=lambda x: x.last_ts)
+            self._finish(oldest)
+        self.conns[key] = c
+        return c
+
+    def feed(self, seg: TcpSegment) -> None:
+        ctx = self.ctx
+        ctx.capture = seg.capture
+        ctx.index = seg.index
+        a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
+        key = (seg.capture, seg.encap) + ((a, b) if a <= b else (b, a))
+        c = self.conns.get(key)
+        flags = seg.flags
+        if c is not None and flags & SYN and not flags & ACK and c.syn_isn is not None and c.syn_isn != seg.seq and \
+                (c.bytes[0] or c.bytes[1] or c.ended[0] or c.ended[1]):
+            self._finish(c)
+            c = None
+        elif c is not None and flags & SYN and not flags & ACK and c.syn_isn is None and (c.ended[0] or c.ended[1]):
+            self._finish(c)
+            c = None
+        if c is None:
+            c = self._new_conn(seg, key)
+        d = 0 if a == c.client else 1
+        if flags & SYN and not flags & ACK and d == 0:
+            c.syn_isn = seg.seq
+        c.last_ts = seg.ts_ns
+        c.last_index = seg.index
+        c.bytes[d] += seg.payload_len
+        for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index):
+            self._dispatch(c, e)
+        if flags & (FIN | RST):
+            c.ended[d] = True
+            if flags & RST:
+                c.ended[1 - d] = True
+        self.segments += 1
+        if self.segments % FLUSH_EVERY == 0:
+            self._flush(seg.ts_ns)
+
+    def _dispatch(self, c: _Conn, e) -> None:
+        if isinstance(e, StreamData):
+            c.stack.data(e.direction, Timed.at(e.data, e.ts_ns))
+        elif isinstance(e, StreamGap):
+            c.stack.gap(e.direction, e.length)
+        elif isinstance(e, StreamEnd):
+            c.stack.end(e.direction)
+        elif isinstance(e, Anomaly):
+            self.ctx.anomaly(e)
+
+    def _finish(self, c: _Conn) -> None:
+        if self.conns.get(c.key) is c:
+            del self.conns[c.key]
+        saved = self.ctx.index
+        self.ctx.index = c.last_index
+        for e in c.reasm.close():
+            self._dispatch(c, e)
+        c.stack.close(c.last_ts)
+        self.ctx.index = saved
+
+    def _flush(self, now: int) -> None:
+        for c in list(self.conns.values()):
+            idle = now - c.last_ts
+            if idle > IDLE_NS or (c.ended[0] and c.ended[1] and idle > CLOSED_LINGER_NS):
+                self._finish(c)
+
+    def close(self) -> StreamResults:
+        if not self.closed:
+            self.closed = True
+            for c in sorted(self.conns.values(), key=lambda x: x.conn_id):
+                self._finish(c)
+        return self.ctx.results

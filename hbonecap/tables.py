@@ -143,6 +143,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("streams", "Int64", "CONNECT streams seen"),
         ("bytes_c2s", "Int64", "TCP payload bytes client to server"),
         ("bytes_s2c", "Int64", "TCP payload bytes server to client"),
+        ("evidence", "string", "why the connection is taken as HBONE: connect (a CONNECT stream was seen), port "
+                               "(TLS to 15008, not decrypted), nested-tls-h2 (TLS with ALPN h2 inside a CONNECT stream)"),
+        ("depth", "Int64", "0 for a tunnel over TCP; 1+ for a tunnel inside another tunnel's stream (double HBONE)"),
+        ("parent_tunnel_id", "string", "for a nested tunnel: the tunnel whose CONNECT stream carries it"),
+        ("parent_stream_id", "Int64", "for a nested tunnel: that CONNECT stream's id"),
+        ("records", "Int64", "TLS records seen (the record timeline is available without keys)"),
     ),
     "streams": _cols(
         ("capture", "string", "capture name"),
@@ -167,6 +173,9 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("bytes_c2s", "Int64", "tunnelled bytes client to server"),
         ("bytes_s2c", "Int64", "tunnelled bytes server to client"),
         ("inner", "string", "what the tunnelled bytes were: http1, tls, hbone, proxy-v2, opaque"),
+        ("proxy_src", "string", "source ip:port of a PROXY v2 header at the start of the tunnelled bytes"),
+        ("proxy_dst", "string", "destination ip:port of that PROXY v2 header"),
+        ("peer_identity", "string", "PROXY v2 TLV 0xD0: the source SPIFFE id Istio passes to the waypoint"),
     ),
     "requests": _cols(
         ("capture", "string", "capture name"),

@@ -34,16 +34,17 @@ class Interner:
         self.values: list[str] = []
 
     def encode(self, keys: np.ndarray) -> np.ndarray:
-        """keys: (n, w) uint8 array or (n,) integer array; returns int32 codes (-1 for missing)."""
-        if keys.ndim == 2:
-            keys = np.ascontiguousarray(keys).view(f"V{keys.shape[1]}").ravel()
-        uniq, inv = np.unique(keys, return_inverse=True)
-        local = np.empty(len(uniq), dtype=np.int32)
-        for j, u in enumerate(uniq):
-            kb = u.tobytes() if keys.dtype.kind == "V" else int(u).to_bytes(8, "little", signed=True)
+        """keys: (n, w) uint8 rows or (n,) integers; returns int32 codes (-1 where to_str gives None).
+
+        Rows are factorised by hashing (pandas.factorize), column word by column word, so the cost is linear in
+        the number of packets; only the distinct keys reach Python."""
+        codes, first = _row_codes(keys)
+        local = np.empty(len(first), dtype=np.int32)
+        for j, pos in enumerate(first.tolist()):
+            kb = keys[pos].tobytes() if keys.ndim == 2 else int(keys[pos]).to_bytes(8, "little", signed=True)
             c = self.by_key.get(kb)
             if c is None:
-                s = self.to_str(u.tobytes() if keys.dtype.kind == "V" else int(u))
+                s = self.to_str(kb if keys.ndim == 2 else int(keys[pos]))
                 if s is None:
                     c = -1
                 else:
@@ -54,10 +55,34 @@ class Interner:
                         self.values.append(s)
                 self.by_key[kb] = c
             local[j] = c
-        return local[inv.reshape(-1)]
+        return local[codes]
 
     def categorical(self, codes: np.ndarray) -> pd.Categorical:
         return pd.Categorical.from_codes(codes, categories=pd.Index(self.values, dtype=object))
+
+
+def _row_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes numbering the distinct rows (or values) in order of first appearance, and each one's first position."""
+    if keys.ndim == 1:
+        codes = pd.factorize(keys)[0]
+    else:
+        n, w = keys.shape
+        pad = (-w) % 8
+        if pad:
+            keys = np.concatenate([keys, np.zeros((n, pad), dtype=keys.dtype)], axis=1)
+        words = np.ascontiguousarray(keys).view(np.uint64)
+        codes = pd.factorize(words[:, 0])[0].astype(np.int64)
+        for j in range(1, words.shape[1]):
+            col = words[:, j]
+            if not col.any():
+                continue
+            c2, u2 = pd.factorize(col)
+            codes = pd.factorize(codes * len(u2) + c2)[0].astype(np.int64)
+    if len(codes) == 0:
+        return codes, np.zeros(0, dtype=np.int64)
+    cm = np.maximum.accumulate(codes)
+    first = np.flatnonzero(np.r_[True, cm[1:] > cm[:-1]])
+    return codes, first
 
 
 def _address(key: bytes) -> str | None:

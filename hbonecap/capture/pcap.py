@@ -56,29 +56,30 @@ class PcapWalker:
         self.interfaces.append(Interface(link_type=network & 0xFFFF, snaplen=snaplen))
         return 24
 
-    def walk(self, buf: bytes, pos: int, file_offset: int, final: bool) -> tuple[int, RecordBatch]:
-        """Records wholly inside buf[pos:]; returns (new position, batch)."""
+    def walk(self, buf: bytes, pos: int, file_offset: int, final: bool, reference: bool = False
+             ) -> tuple[int, RecordBatch]:
+        """Records wholly inside buf[pos:]; returns (new position, batch).
+
+        The record boundaries come from the compiled walker (`fastwalk`); `reference=True` uses the plain
+        Python loop instead, which the tests use as the oracle for the compiled one."""
         end = len(buf)
         hdr = self._hdr
+        if reference:
+            offs, p, too_large = self._offsets_reference(buf, pos)
+        else:
+            from hbonecap.capture.fastwalk import pcap_offsets
+
+            arr_offs, p, too_large = pcap_offsets(np.frombuffer(buf, dtype=np.uint8), pos, hdr, self._endian == ">",
+                                                  self.max_record)
+            offs = arr_offs
+        if too_large:
+            (incl,) = struct.unpack_from(self._endian + "I", buf, p + 8)
+            self.anomalies.append((self.next_index + len(offs), "capture", "pcap_bad_record",
+                                   f"record at file offset {file_offset + p} declares {incl} captured bytes; "
+                                   "the rest of the file cannot be read"))
+            self.finished = True
+            end = p
         incl_at = struct.Struct(self._endian + "I").unpack_from
-        max_record = self.max_record
-        offs: list[int] = []
-        append = offs.append
-        p = pos
-        while p + hdr <= end:
-            (incl,) = incl_at(buf, p + 8)
-            if incl > max_record:
-                self.anomalies.append((self.next_index + len(offs), "capture", "pcap_bad_record",
-                                       f"record at file offset {file_offset + p} declares {incl} captured bytes; "
-                                       "the rest of the file cannot be read"))
-                self.finished = True
-                end = p
-                break
-            nxt = p + hdr + incl
-            if nxt > end:
-                break
-            append(p)
-            p = nxt
         partial = None
         if final and not self.finished and p < end:
             if p + hdr <= end:
@@ -96,7 +97,9 @@ class PcapWalker:
         if n == 0:
             return p if not final else end, empty_batch(self.next_index, file_offset)
         arr = np.frombuffer(buf, dtype=np.uint8)
-        rec = np.asarray(offs + ([partial[0]] if partial else []), dtype=np.int64)
+        rec = np.asarray(offs, dtype=np.int64)
+        if partial:
+            rec = np.append(rec, partial[0])
         heads = arr[rec[:, None] + np.arange(16)].view(np.dtype(self._endian + "u4")).reshape(n, 4).astype(np.int64)
         caplen = heads[:, 2].copy()
         if partial:
@@ -109,3 +112,21 @@ class PcapWalker:
         )
         self.next_index += n
         return p, batch
+
+    def _offsets_reference(self, buf, pos: int) -> tuple[list[int], int, bool]:
+        """The plain-Python record walk (oracle for the compiled one)."""
+        end = len(buf)
+        hdr = self._hdr
+        incl_at = struct.Struct(self._endian + "I").unpack_from
+        offs: list[int] = []
+        p = pos
+        while p + hdr <= end:
+            (incl,) = incl_at(buf, p + 8)
+            if incl > self.max_record:
+                return offs, p, True
+            nxt = p + hdr + incl
+            if nxt > end:
+                break
+            offs.append(p)
+            p = nxt
+        return offs, p, False

@@ -82,17 +82,27 @@ class CaptureReader:
         return gzip.open(self.path, "rb") if self.info.compressed else open(self.path, "rb")
 
     def __iter__(self) -> Iterator[RecordBatch]:
+        """Record batches in file order. A batch's buffer is reused two batches later: consume (or copy) what
+        you need from a batch before asking for the one after next."""
         cfg = self.config
         w = self.walker
         info = self.info
+        size = cfg.chunk_bytes + cfg.max_record_bytes + 65536
+        if not info.compressed:   # small files get small buffers
+            size = min(size, info.size + 1)
+        buffers = [bytearray(size), bytearray(0)]
+        which = 0
         with self._open() as f:
-            buf = self._read(f, cfg.chunk_bytes)
-            final = len(buf) < cfg.chunk_bytes
-            pos = w.start(buf)
+            buf = buffers[which]
+            first = min(cfg.chunk_bytes, len(buf))
+            filled = self._fill(f, buf, 0, first)
+            final = filled < first or (not info.compressed and filled >= info.size)
+            view = memoryview(buf)[:filled]
+            pos = w.start(view)
             base = 0           # file offset of buf[0]
             try:
                 while True:
-                    new_pos, batch = w.walk(buf, pos, base, final)
+                    new_pos, batch = w.walk(view, pos, base, final)
                     info.interfaces = w.interfaces
                     if len(batch):
                         info.packets += len(batch)
@@ -104,12 +114,19 @@ class CaptureReader:
                             break
                         pos = new_pos
                         continue
-                    # keep the unfinished tail and read the next chunk after it
-                    rest = buf[new_pos:]
-                    more = self._read(f, cfg.chunk_bytes)
-                    final = len(more) < cfg.chunk_bytes
+                    # carry the unfinished tail into the other buffer and read the next chunk after it
+                    rest = filled - new_pos
+                    which ^= 1
+                    nbuf = buffers[which]
+                    if rest + cfg.chunk_bytes > len(nbuf):
+                        nbuf = buffers[which] = bytearray(max(rest + cfg.chunk_bytes, len(buffers[which ^ 1])))
+                    nbuf[:rest] = view[new_pos:filled]
+                    view.release()
+                    got = self._fill(f, nbuf, rest, cfg.chunk_bytes)
+                    final = got < cfg.chunk_bytes
                     base += new_pos
-                    buf = rest + more
+                    buf, filled = nbuf, rest + got
+                    view = memoryview(buf)[:filled]
                     pos = 0
             finally:
                 info.format = w.format + ("+gzip" if info.compressed else "")
@@ -118,6 +135,22 @@ class CaptureReader:
                 info.secrets = list(getattr(w, "secrets", []))
                 info.anomalies = list(w.anomalies)
                 info.sections = getattr(w, "sections", 1)
+
+    def _fill(self, f, buf: bytearray, start: int, n: int) -> int:
+        """Read up to n bytes into buf[start:]; returns how many were read (short only at end of file)."""
+        mv = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                k = f.readinto(mv[start + got:start + n])
+                if not k:
+                    break
+                got += k
+        except (OSError, EOFError, zlib.error) as e:
+            self.walker.anomalies.append((None, "capture", "capture_unreadable", f"read failed after {got} bytes: {e}"))
+        finally:
+            mv.release()
+        return got
 
     def _read(self, f, n: int) -> bytes:
         try:

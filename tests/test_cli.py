@@ -1,0 +1,79 @@
+"""The command line through typer's CliRunner, and `python -m hbonecap` as a real process."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from hbonecap.cli import app
+from tests.packets import eth, geneve, ipv4, tcp, udp, write_pcap
+
+runner = CliRunner()
+
+
+def _capture(tmp_path):
+    inner = eth(ipv4("10.244.1.5", "10.96.3.7", 6, tcp(40000, 9080, b"<script>alert(1)</script>", flags=0x18)))
+    frames = [eth(ipv4("10.244.1.5", "10.96.3.7", 6, tcp(40000, 9080, flags=0x02))),
+              eth(ipv4("10.96.3.7", "10.244.1.5", 6, tcp(9080, 40000, flags=0x12))),
+              eth(ipv4("172.18.0.2", "172.18.0.3", 17, udp(3333, 6081, geneve(1001, inner))))]
+    p = tmp_path / "node-a-eth0.pcap"
+    write_pcap(p, frames)
+    return p
+
+
+def test_decode_prints_a_readable_table(tmp_path):
+    p = _capture(tmp_path)
+    r = runner.invoke(app, ["decode", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "geneve:1001" in r.output and "10.244.1.5" in r.output and "SA" in r.output
+
+
+def test_decode_csv_round_trips_through_pandas(tmp_path):
+    p = _capture(tmp_path)
+    r = runner.invoke(app, ["decode", str(p), "--format", "csv"])
+    assert r.exit_code == 0
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert list(df["index"]) == [1, 2, 3]
+    assert list(df["vni"].fillna(0).astype(int)) == [0, 0, 1001]
+    assert list(df["dport"]) == [9080, 40000, 9080]
+
+
+def test_decode_tables_and_parquet(tmp_path):
+    p = _capture(tmp_path)
+    out = tmp_path / "c.parquet"
+    r = runner.invoke(app, ["decode", str(p), "-t", "connections", "-f", "parquet", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    c = pd.read_parquet(out)
+    assert len(c) == 2 and set(c["encap"].astype(str)) == {"", "geneve:1001"}
+    r = runner.invoke(app, ["decode", str(p), "--columns", "index,src,nope"])
+    assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a capture")
+    r = runner.invoke(app, ["decode", str(bad)])
+    assert r.exit_code == 2
+    assert str(bad) in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["decode", str(tmp_path / "missing.pcap")])
+    assert r.exit_code == 2
+
+
+def test_correlate_writes_every_table(tmp_path):
+    p = _capture(tmp_path)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["correlate", str(p), "-o", str(out), "-f", "csv", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    assert "node-a-eth0.pcap" in r.output and "node" in r.output
+    for name in ("captures", "packets", "connections", "anomalies"):
+        assert (out / f"{name}.csv").exists()
+
+
+def test_module_entry_point_and_version():
+    r = subprocess.run([sys.executable, "-m", "hbonecap", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("hbonecap ")
+    r = subprocess.run([sys.executable, "-m", "hbonecap", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "decode" in r.stdout and "correlate" in r.stdout

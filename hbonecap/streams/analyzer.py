@@ -30,7 +30,7 @@ from ..layers.segments import TcpSegment
 from . import hbone as hb
 from .anomalies import Anomaly
 from .http2.connection import H2Data, H2GoAway, H2Headers, H2Reset, Http2Connection
-from .http2.frames import PREFACE
+from .http2.frames import PREFACE, find_frame_start
 from .http2.frames import plausible as h2_plausible
 from .inner import proxy_v2
 from .inner.http1 import (Http1Connection, Http1Request, Http1Response, Http1Switch, looks_like_request,
@@ -255,8 +255,23 @@ class _Stack:
                 if len(buf) >= 9 and h2_plausible(buf, 0) > 0:
                     choice = "h2"
                     break
+            if choice is None and self.under_tls is not None and self.conn.server[1] == HBONE_PORT \
+                    and self.owner is None:
+                choice = "h2"  # HBONE plaintext from its middle: the frame reader finds the frames
+            if choice is None:
+                # no protocol starts right here: look for a frame / record chain further on
+                for buf in (c, s):
+                    if len(buf) < 64:
+                        continue
+                    frames, records = find_frame_start(bytes(buf)), find_record_start(bytes(buf))
+                    if frames >= 0 and (self.under_tls is not None or records < 0):
+                        choice = "h2"
+                        break
+                    if records >= 0:
+                        choice = "tls"
+                        break
             if choice is None and len(c) + len(s) > DETECT_WINDOW:
-                choice = "tls" if find_record_start(bytes(c)) >= 0 or find_record_start(bytes(s)) >= 0 else "opaque"
+                choice = "opaque"
         if choice is None:
             if len(c) + len(s) > 4 * DETECT_WINDOW:
                 choice = "opaque"

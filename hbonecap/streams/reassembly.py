@@ -11,8 +11,8 @@ Strategy
     carried them); out-of-order segments wait in a sorted list of non-overlapping ranges.
   * Overlaps: the first-seen bytes win. Overlapping bytes that differ are reported (`tcp_overlap_conflict`),
     comparing against the pending ranges and a bounded tail of recently delivered chunks (no copies).
-  * Gaps are explicit `StreamGap` events, never zero-filled. A hole is declared when the peer acknowledges beyond it
-    while later data is waiting, when the out-of-order buffer exceeds its cap, at RST/close, or when the capture's
+  * Gaps are explicit `StreamGap` events, never zero-filled. A hole is declared when the peer has acknowledged beyond
+    it while later data is waiting and a few more segments went by without filling it (`HOLE_PATIENCE`), when the out-of-order buffer exceeds its cap, at RST/close, or when the capture's
     snapshot length cut a segment (`reason='snaplen'`).
   * A FIN ends the direction once every byte before it has been delivered (`StreamEnd('fin')`); a RST ends it at once.
 
@@ -42,6 +42,8 @@ MAX_RANGES = 4096
 KEEP_TAIL = 256 * 1024
 #: An acknowledgment further than this beyond the next expected byte is taken as nonsense, not as a hole.
 MAX_ACK_JUMP = 1 << 30
+#: Segments (acknowledgments past a hole, or later data of the direction) to wait before a hole is declared lost.
+HOLE_PATIENCE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,7 @@ def _signed32(x: int) -> int:
 class _Direction:
     __slots__ = ("d", "base", "next_off", "starts", "ranges", "pending_bytes", "tail", "tail_bytes",
                  "fin_off", "ended", "syn_seen", "midstream", "retransmissions", "conflicts", "gaps",
-                 "max_buffer", "max_ranges", "delivered", "gap_bytes")
+                 "max_buffer", "max_ranges", "delivered", "gap_bytes", "hole_acked")
 
     def __init__(self, d: int, max_buffer: int, max_ranges: int) -> None:
         self.d = d
@@ -102,6 +104,7 @@ class _Direction:
         self.delivered = 0
         self.max_buffer = max_buffer
         self.max_ranges = max_ranges
+        self.hole_acked = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def offset_of(self, seq: int) -> int:
@@ -275,6 +278,11 @@ class _Direction:
                                                                    f"the snapshot length at offset {off + cap}", idx))
                         self._store(out, anomalies, off + cap, end, None, ts, idx)
                     self._drain(out)
+        if not self.starts:
+            self.hole_acked = 0
+        elif self.hole_acked:
+            self.hole_acked += 1
+            self._hole_lost(out, anomalies, ts, idx)
         if flags & FIN:
             if self.fin_off is None or end < self.fin_off:
                 self.fin_off = end
@@ -293,9 +301,16 @@ class _Direction:
         ack_off = self.offset_of(ack)
         if ack_off <= self.next_off or ack_off - self.next_off > MAX_ACK_JUMP:
             return
-        first = self.starts[0]
-        if ack_off >= first:
-            self.gap_to(out, anomalies, first, ts, idx, "lost")
+        if ack_off >= self.starts[0]:
+            self.hole_acked += 1
+            self._hole_lost(out, anomalies, ts, idx)
+
+    def _hole_lost(self, out: list, anomalies: list, ts: int, idx: int) -> None:
+        """Give the hole up once the peer has acknowledged past it and HOLE_PATIENCE more segments went by
+        (a capture may list a segment after the ACK that covers it)."""
+        if self.starts and self.hole_acked >= HOLE_PATIENCE:
+            self.hole_acked = 0
+            self.gap_to(out, anomalies, self.starts[0], ts, idx, "lost")
             self._check_end(out, ts, idx)
 
     def flush(self, out: list, anomalies: list, ts: int, idx: int, reason: str) -> None:

@@ -85,14 +85,26 @@ def test_gap_is_explicit_never_zero_filled():
     assert any(isinstance(e, StreamEnd) and e.kind == "fin" and e.offset == 13 for e in ev)
 
 
-def test_ack_beyond_hole_declares_gap_immediately():
+def test_ack_beyond_hole_declares_gap_after_patience():
     r = TcpReassembler()
     r.feed(0, 100, 0, SYN, b"", 0, 1, 1)
     r.feed(1, 500, 101, SYN | ACK, b"", 0, 2, 2)
     r.feed(0, 101, 501, ACK, b"abc", 3, 3, 3)
     r.feed(0, 110, 501, ACK, b"xyz", 3, 4, 4)
-    ev = r.feed(1, 501, 113, ACK, b"", 0, 5, 5)
+    assert r.feed(1, 501, 113, ACK, b"", 0, 5, 5) == []
+    assert r.feed(1, 501, 113, ACK, b"", 0, 6, 6) == []
+    ev = r.feed(1, 501, 113, ACK, b"", 0, 7, 7)
     assert [type(e).__name__ for e in ev] == ["Anomaly", "StreamGap", "StreamData"]
+
+
+def test_segment_listed_after_its_ack_is_not_a_gap():
+    r = TcpReassembler()
+    r.feed(0, 100, 0, SYN, b"", 0, 1, 1)
+    r.feed(0, 101, 0, ACK, b"abc", 3, 2, 2)
+    r.feed(0, 107, 0, ACK, b"ghi", 3, 3, 3)
+    r.feed(1, 501, 110, ACK, b"", 0, 4, 4)       # acknowledges d-f before the capture lists them
+    ev = r.feed(0, 104, 0, ACK, b"def", 3, 5, 5)
+    assert [e.data for e in ev if isinstance(e, StreamData)] == [b"def", b"ghi"]
 
 
 def test_midstream_start_and_rst():

@@ -103,22 +103,32 @@ def plausible(buf, pos: int, max_frame: int = 1 << 20) -> int:
     return 9 + length
 
 
-def find_frame_start(buf, limit: int = RESYNC_WINDOW) -> int:
+def find_frame_start(buf, limit: int = RESYNC_WINDOW, start: int = 0) -> int:
     """First offset where two consecutive plausible frame headers (or one frame ending at the data's end) begin.
 
     Returns -1 when none is found among the first `limit` bytes that can be checked.
     """
+    return scan_frames(buf, limit, start)[0]
+
+
+def scan_frames(buf, limit: int = RESYNC_WINDOW, start: int = 0) -> tuple[int, int]:
+    """`find_frame_start` plus where a later scan of the same (grown) buffer must start again: the first position
+    that more data could still turn into a frame start."""
     n = len(buf)
-    for pos in range(0, min(n - 9 + 1, limit)):
+    undecided = -1
+    for pos in range(start, min(n - 9 + 1, limit)):
         size = plausible(buf, pos)
         if size < 0:
             continue
         nxt = pos + size
         if nxt == n:
-            return pos
-        if nxt + 9 <= n and plausible(buf, nxt) >= 0:
-            return pos
-    return -1
+            return pos, pos
+        if nxt + 9 <= n:
+            if plausible(buf, nxt) >= 0:
+                return pos, pos
+        elif undecided < 0:
+            undecided = pos
+    return -1, (undecided if undecided >= 0 else max(start, n - 8))
 
 
 def strip_padding(frame_type: int, flags: int, payload: Timed) -> tuple[Timed, int, str | None]:
@@ -151,6 +161,7 @@ class FrameReader:
         self.max_frame = max_frame
         self.state = state
         self.frames = 0
+        self.scan_pos = 0
 
     def feed(self, piece: Timed) -> list:
         self.buf.append_timed(piece)
@@ -161,6 +172,7 @@ class FrameReader:
         off = self.buf.end
         self.buf.clear()
         self.buf.start = off + length
+        self.scan_pos = 0
         if self.state == "lost":
             return []
         self.state = "lost"
@@ -180,6 +192,7 @@ class FrameReader:
                 n = min(len(buf), len(PREFACE))
                 if buf.buf[:n] != PREFACE[:n]:
                     self.state = "lost"
+                    self.scan_pos = 0
                     out.append(LostSync(buf.start, "no preface"))
                     out.append(Anomaly("http2", "http2_no_preface",
                                        "client direction does not start with the connection preface"))
@@ -195,17 +208,19 @@ class FrameReader:
                     return out
                 if plausible(buf.buf, 0, self.max_frame) < 0:
                     self.state = "lost"
+                    self.scan_pos = 0
                     out.append(LostSync(buf.start, "no initial frame"))
                     out.append(Anomaly("http2", "http2_lost_sync", "direction does not start with a frame header"))
                     continue
                 self.state = "frames"
             if self.state == "lost":
-                pos = find_frame_start(buf.buf)
+                pos, self.scan_pos = scan_frames(buf.buf, self.scan_pos + RESYNC_WINDOW, self.scan_pos)
                 if pos < 0:
-                    keep = 8 + 9
-                    if len(buf) > keep + RESYNC_WINDOW:
-                        buf.skip(len(buf) - keep)
+                    if self.scan_pos > RESYNC_WINDOW:
+                        buf.skip(self.scan_pos)
+                        self.scan_pos = 0
                     return out
+                self.scan_pos = 0
                 if pos:
                     out.append(Anomaly("http2", "http2_resync", f"skipped {pos} bytes to a frame start at offset "
                                                                  f"{buf.start + pos}"))
@@ -217,6 +232,7 @@ class FrameReader:
             length, ftype, flags, sid = parse_header(buf.buf, 0)
             if length > self.max_frame:
                 self.state = "lost"
+                self.scan_pos = 0
                 out.append(LostSync(buf.start, "frame too large"))
                 out.append(Anomaly("http2", "http2_frame_size", f"frame declares {length} bytes (cap "
                                                                  f"{self.max_frame}) at offset {buf.start}"))

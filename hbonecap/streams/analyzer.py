@@ -130,7 +130,7 @@ class _Ctx:
 
 class _Conn:
     __slots__ = ("key", "conn_id", "capture", "encap", "client", "server", "reasm", "stack", "first_ts", "last_ts",
-                 "bytes", "syn_isn", "ended", "midstream", "last_index")
+                 "bytes", "syn_isn", "ended", "midstream", "last_index", "closed")
 
     def __init__(self, key, conn_id: int, capture: str, encap: str, client, server, midstream: bool) -> None:
         self.key, self.conn_id, self.capture, self.encap = key, conn_id, capture, encap
@@ -143,6 +143,7 @@ class _Conn:
         self.ended = [False, False]
         self.midstream = midstream
         self.last_index = 0
+        self.closed = False
 
 
 def _addr(ip: str, port: int) -> str:
@@ -547,6 +548,7 @@ class StreamAnalyzer:
         self.next_conn_id = 0
         self.segments = 0
         self.closed = False
+        self._last: tuple | None = None
         if keylog is not None:
             for a in keylog.anomalies:
                 row = a.row(keylog.name)
@@ -584,10 +586,32 @@ class StreamAnalyzer:
         ctx = self.ctx
         ctx.capture = seg.capture
         ctx.index = seg.index
+        flags = seg.flags
+        last = self._last
+        if last is not None and not flags & SYN and last[0] == seg.sport and last[1] == seg.dport and \
+                last[2] == seg.src and last[3] == seg.dst and last[4] == seg.encap and last[5] == seg.capture:
+            # same connection and direction as the previous segment (bulk transfers)
+            c, d = last[6], last[7]
+            if c.closed:
+                self._last = None
+            else:
+                c.last_ts = seg.ts_ns
+                c.last_index = seg.index
+                c.bytes[d] += seg.payload_len
+                for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns,
+                                      seg.index):
+                    self._dispatch(c, e)
+                if flags & (FIN | RST):
+                    c.ended[d] = True
+                    if flags & RST:
+                        c.ended[1 - d] = True
+                self.segments += 1
+                if self.segments % FLUSH_EVERY == 0:
+                    self._flush(seg.ts_ns)
+                return
         a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
         key = (seg.capture, seg.encap) + ((a, b) if a <= b else (b, a))
         c = self.conns.get(key)
-        flags = seg.flags
         if c is not None and flags & SYN and not flags & ACK and c.syn_isn is not None and c.syn_isn != seg.seq and \
                 (c.bytes[0] or c.bytes[1] or c.ended[0] or c.ended[1]):
             self._finish(c)
@@ -598,6 +622,7 @@ class StreamAnalyzer:
         if c is None:
             c = self._new_conn(seg, key)
         d = 0 if a == c.client else 1
+        self._last = (seg.sport, seg.dport, seg.src, seg.dst, seg.encap, seg.capture, c, d)
         if flags & SYN and not flags & ACK and d == 0:
             c.syn_isn = seg.seq
         c.last_ts = seg.ts_ns
@@ -624,6 +649,9 @@ class StreamAnalyzer:
             self.ctx.anomaly(e)
 
     def _finish(self, c: _Conn) -> None:
+        c.closed = True
+        if self._last is not None and self._last[6] is c:
+            self._last = None
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
         saved = self.ctx.index

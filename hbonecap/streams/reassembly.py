@@ -333,9 +333,24 @@ class TcpReassembler:
 
     def feed(self, direction: int, seq: int, ack: int, flags: int, payload: bytes, payload_len: int,
              ts_ns: int, index: int) -> list:
-        out: list = []
-        anomalies: list = []
         self.last_ts, self.last_index = ts_ns, index
+        dd = self.dirs[direction]
+        # Fast path: the next in-order bytes, nothing waiting, no control flags (the bulk of any capture).
+        if not flags & 0x07 and payload_len and dd.base is not None and not dd.starts and not dd.ended \
+                and len(payload) == payload_len \
+                and ((seq - dd.base - dd.next_off) & SEQ_MASK) == 0:
+            off = dd.next_off
+            dd.next_off = off + payload_len
+            dd.delivered += payload_len
+            dd._remember(off, payload)
+            out = [StreamData(direction, off, payload, ts_ns, index)]
+            if flags & ACK and self.dirs[1 - direction].starts:
+                anomalies: list = []
+                self.dirs[1 - direction].acked(out, anomalies, ack & SEQ_MASK, ts_ns, index)
+                return anomalies + out if anomalies else out
+            return out
+        out = []
+        anomalies = []
         self.dirs[direction].segment(out, anomalies, seq & SEQ_MASK, flags, payload, payload_len, ts_ns, index)
         if flags & ACK:
             self.dirs[1 - direction].acked(out, anomalies, ack & SEQ_MASK, ts_ns, index)

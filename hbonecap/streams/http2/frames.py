@@ -162,9 +162,12 @@ class FrameReader:
         self.state = state
         self.frames = 0
         self.scan_pos = 0
+        self.need = 0            # buffered bytes needed before the frame under way is complete
 
     def feed(self, piece: Timed) -> list:
         self.buf.append_timed(piece)
+        if self.state == "frames" and len(self.buf.buf) < self.need:
+            return []  # the frame under way is still incomplete
         return self._run()
 
     def gap(self, length: int) -> list:
@@ -186,6 +189,7 @@ class FrameReader:
 
     def _run(self) -> list:
         out: list = []
+        self.need = 0
         buf = self.buf
         for _ in range(1 << 20):  # bound: each pass consumes bytes or returns
             if self.state == "preface":
@@ -239,6 +243,7 @@ class FrameReader:
                 buf.skip(1)
                 continue
             if len(buf) < 9 + length:
+                self.need = 9 + length
                 return out
             offset = buf.start
             whole = buf.take(9 + length)

@@ -76,10 +76,39 @@ class RecordReader:
         self.buf = TimedBuffer()
         self.state = state
         self.records = 0
+        self.need = 0            # buffered bytes needed before the record under way is complete
 
     def feed(self, piece: Timed) -> list:
+        if self.state == "records":
+            have = len(self.buf.buf)
+            if not have and len(piece.marks) == 1:
+                return self._direct(piece)
+            if have + len(piece.data) < self.need:
+                self.buf.append_timed(piece)  # the record under way is still incomplete
+                return []
         self.buf.append_timed(piece)
         return self._run()
+
+    def _direct(self, piece: Timed) -> list:
+        """Fast path: whole records straight out of a piece captured at one time, no buffer copies."""
+        data, ts = piece.data, piece.marks[0][1]
+        out: list = []
+        pos, n = 0, len(data)
+        base = self.buf.start
+        unpack = RECORD_HEADER.unpack_from
+        while n - pos >= 5:
+            ctype, version, length = unpack(data, pos)
+            if ctype not in CONTENT_TYPES or version >> 8 != 3 or length > MAX_RECORD or n - pos < 5 + length:
+                break
+            self.records += 1
+            out.append(Record(ctype, version, data[pos:pos + 5], data[pos + 5:pos + 5 + length], ts, ts,
+                              base + pos))
+            pos += 5 + length
+        self.buf.start = base + pos
+        if pos < n:
+            self.buf.append(data[pos:] if pos else data, ts)
+            out += self._run()
+        return out
 
     def gap(self, length: int) -> list:
         off = self.buf.end
@@ -98,6 +127,7 @@ class RecordReader:
 
     def _run(self) -> list:
         out: list = []
+        self.need = 0
         buf = self.buf
         for _ in range(1 << 20):
             if self.state == "lost":
@@ -122,6 +152,7 @@ class RecordReader:
                 buf.skip(1)
                 continue
             if len(buf) < 5 + length:
+                self.need = 5 + length
                 return out
             offset = buf.start
             whole = buf.take(5 + length)

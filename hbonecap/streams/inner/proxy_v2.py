@@ -54,7 +54,7 @@ def looks_like(buf: bytes) -> bool:
 
 def parse(buf: bytes) -> ProxyHeader | None:
     if len(buf) < 16:
-        if not looks_like(buf):
+        if buf and not looks_like(buf):
             raise ProxyV2Error("no PROXY v2 signature")
         return None
     if buf[:12] != SIGNATURE:

@@ -62,18 +62,54 @@ class CaptureResult:
     packets: pd.DataFrame
     connections: pd.DataFrame
     anomalies: pd.DataFrame
-    secrets: list[bytes] = field(default_factory=list, repr=False)
+    tunnels: pd.DataFrame
+    streams: pd.DataFrame
+    requests: pd.DataFrame
+    secrets: int = 0
+    streams_detail: object = field(default=None, repr=False)   # StreamResults (tunnel bytes, record timelines)
 
 
 def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
-                    name: str | None = None) -> CaptureResult:
-    """Decode one capture and derive its per-capture tables. Raises CaptureError for a file that is not one."""
-    from hbonecap.analysis.connections import connections
+                    name: str | None = None, keylog=None, streams: bool = True) -> CaptureResult:
+    """Decode one capture and derive its per-capture tables. Raises CaptureError for a file that is not one.
 
-    dec = decode_capture(path, config, name=name)
+    keylog: a `KeyLog` (not modified); TLS secrets embedded in the capture (pcapng DSBs) are added to a copy.
+    streams: run the stream stages (TCP reassembly, TLS, HTTP/2, HBONE) over the TCP segments.
+    """
+    import copy
+
+    from hbonecap.analysis.connections import connections
+    from hbonecap.decode import segments_of_batch
+    from hbonecap.streams.analyzer import StreamAnalyzer
+
+    analyzer = None
+    if streams:
+        kl = None
+        if keylog is not None:
+            kl = copy.deepcopy(keylog)
+            kl.anomalies = []      # reported once for the whole analysis, not per capture
+        analyzer = StreamAnalyzer(kl, config)
+    used_secrets = 0
+
+    def feed(reader, batch, ctx) -> None:
+        nonlocal used_secrets
+        found = getattr(reader.walker, "secrets", [])
+        while used_secrets < len(found):
+            analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
+            used_secrets += 1
+        for seg in segments_of_batch(reader.info.name, batch, ctx):
+            analyzer.feed(seg)
+
+    dec = decode_capture(path, config, name=name, on_batch=feed if analyzer is not None else None)
     info = dec.info
     pk = dec.packets
     conns = connections(pk)
+    detail = analyzer.close() if analyzer is not None else None
+    tun = detail.frame("tunnels") if detail else tables.empty("tunnels")
+    strm = detail.frame("streams") if detail else tables.empty("streams")
+    reqs = detail.frame("requests") if detail else tables.empty("requests")
+    anomalies = tables.concat("anomalies", [dec.anomalies, detail.frame("anomalies") if detail else None])
+    tun, reqs = _link_connections(conns, tun, reqs)
     link_types = sorted({LINKTYPE_NAMES.get(i.link_type, f"linktype:{i.link_type}") for i in info.interfaces})
     ifnames = [i.name for i in info.interfaces if i.name]
     if point is None:
@@ -86,10 +122,38 @@ def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Poi
         "interfaces": [",".join(ifnames)], "packets": [len(pk)], "bytes": [int(pk["caplen"].sum()) if len(pk) else 0],
         "first_ts": [ts.min() if len(ts) else pd.NaT], "last_ts": [ts.max() if len(ts) else pd.NaT],
         "snaplen": [max((i.snaplen for i in info.interfaces), default=0)],
-        "comment": [" | ".join(info.comments)], "secrets": [len(info.secrets)], "anomalies": [len(dec.anomalies)],
+        "comment": [" | ".join(info.comments)], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
         "role": [point.role], "node": [point.node], "role_reason": [point.reason],
     }
-    return CaptureResult(tables.frame("captures", row), pk, conns, dec.anomalies, info.secrets)
+    return CaptureResult(tables.frame("captures", row), pk, conns, anomalies, tun, strm, reqs, len(info.secrets),
+                         detail)
+
+
+def _link_connections(conns: pd.DataFrame, tun: pd.DataFrame, reqs: pd.DataFrame):
+    """Point tunnels and plain-TCP requests at connections.conn_id: same endpoints, overlapping in time."""
+    if not len(conns):
+        return tun, reqs
+    key = conns[["client", "server", "conn_id", "first_ts", "last_ts"]]
+
+    def link(df: pd.DataFrame, ts_col: str, ends: tuple[str, str] | None) -> pd.DataFrame:
+        if not len(df) or ends is None:
+            return df
+        df = df.copy()
+        ids = []
+        for row in df.itertuples(index=False):
+            a, b = getattr(row, ends[0]), getattr(row, ends[1])
+            t = getattr(row, ts_col)
+            m = key[((key["client"] == a) & (key["server"] == b)) | ((key["client"] == b) & (key["server"] == a))]
+            if len(m) > 1 and not pd.isna(t):
+                m = m[(m["first_ts"] <= t) & (m["last_ts"] >= t)]
+            ids.append(int(m["conn_id"].iloc[0]) if len(m) else pd.NA)
+        df["conn_id"] = pd.array(ids, dtype="Int64")
+        return df
+
+    tun = link(tun, "start", ("client", "server"))
+    if len(reqs) and {"client", "server"} <= set(reqs.columns):
+        reqs = link(reqs, "request_ts", ("client", "server"))
+    return tun, reqs
 
 
 class Analysis:
@@ -101,6 +165,8 @@ class Analysis:
     def __init__(self, **frames: pd.DataFrame) -> None:
         for name in self.TABLES:
             setattr(self, name, frames.get(name, tables.empty(name)))
+        # per capture: the stream stages' detail (tunnelled bytes with times, TLS record timelines)
+        self.details: dict[str, object] = {}
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in self.TABLES:
@@ -145,19 +211,28 @@ def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
 
 def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[str, str] | None = None,
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, on_error: str = "raise",
-            progress: Callable[[str, int, int], None] | None = None) -> Analysis:
+            streams: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories. keylog: an NSS key log file (TLS secrets embedded in pcapng files are
     used too). points: {file name: "ROLE[@NODE]"} overrides the capture-point guess. jobs: processes to use
     (None: one per core). on_error: "raise" (a file that is not a capture raises CaptureError) or "report"
-    (it becomes an anomaly row and the others are analysed).
+    (it becomes an anomaly row and the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE
+    (False: packets and connections only).
     """
     from hbonecap.capture.points import parse_point
 
     files = expand_paths(paths)
     if not files:
         raise HbonecapError("no capture files given")
+    kl = None
+    keylog_anomalies: list[tuple] = []
+    if keylog is not None:
+        from hbonecap.streams.tls.keylog import load
+
+        kl = load(keylog)
+        keylog_anomalies = [tuple(a.row(kl.name)[c] for c in ("capture", "index", "layer", "kind", "detail"))
+                            for a in kl.anomalies]
     assigned: dict[str, Point] = {}
     for k, v in (points or {}).items():
         name, pt = parse_point(f"{k}={v}")
@@ -166,7 +241,7 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     errors: list[tuple] = []
     jobs = os.cpu_count() or 1 if jobs is None else max(1, jobs)
     names = _unique_names(files)
-    args = [(f, config, assigned.get(os.path.basename(f)) or assigned.get(f), names[f]) for f in files]
+    args = [(f, config, assigned.get(os.path.basename(f)) or assigned.get(f), names[f], kl, streams) for f in files]
     if jobs > 1 and len(files) > 1:
         with ProcessPoolExecutor(max_workers=min(jobs, len(files))) as ex:
             futures = [ex.submit(_safe_analyze, *a) for a in args]
@@ -181,7 +256,7 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             _collect(res, err, results, errors, on_error)
             if progress:
                 progress(files[i], i + 1, len(files))
-    return _assemble(results, errors, keylog)
+    return _assemble(results, errors + keylog_anomalies)
 
 
 def _unique_names(files: list[str]) -> dict[str, str]:
@@ -193,9 +268,9 @@ def _unique_names(files: list[str]) -> dict[str, str]:
     return out
 
 
-def _safe_analyze(path, config, point, name):
+def _safe_analyze(path, config, point, name, keylog, streams):
     try:
-        return analyze_capture(path, config, point, name), None
+        return analyze_capture(path, config, point, name, keylog, streams), None
     except CaptureError as e:
         return None, e
 
@@ -209,20 +284,34 @@ def _collect(res, err, results, errors, on_error):
         results.append(res)
 
 
-def _assemble(results: list[CaptureResult], errors: list[tuple], keylog) -> Analysis:
-    conns = []
+def _assemble(results: list[CaptureResult], errors: list[tuple]) -> Analysis:
+    conns, tuns, reqs = [], [], []
     next_id = 0
     for r in results:
-        c = r.connections
+        c, t, q = r.connections, r.tunnels, r.requests
         if len(c):
+            shift = next_id - int(c["conn_id"].min())
             c = c.copy()
-            c["conn_id"] = np.arange(next_id, next_id + len(c))
+            c["conn_id"] = c["conn_id"] + shift
             next_id += len(c)
+            if len(t) and "conn_id" in t:
+                t = t.copy()
+                t["conn_id"] = t["conn_id"] + shift
+            if len(q) and "conn_id" in q:
+                q = q.copy()
+                q["conn_id"] = q["conn_id"] + shift
         conns.append(c)
+        tuns.append(t)
+        reqs.append(q)
     anomalies = tables.concat("anomalies", [r.anomalies for r in results] + [anomalies_frame(errors)])
-    return Analysis(
+    a = Analysis(
         captures=tables.concat("captures", [r.captures for r in results]),
         packets=tables.concat("packets", [r.packets for r in results]),
         connections=tables.concat("connections", conns),
         anomalies=anomalies,
+        tunnels=tables.concat("tunnels", tuns),
+        streams=tables.concat("streams", [r.streams for r in results]),
+        requests=tables.concat("requests", reqs),
     )
+    a.details = {r.captures["capture"].iloc[0]: r.streams_detail for r in results}
+    return a

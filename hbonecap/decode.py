@@ -257,8 +257,10 @@ def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:
 
 
 def decode_capture(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
-                   on_batch: Callable[[RecordBatch, DecodeContext], None] | None = None) -> CaptureDecode:
-    """Decode one capture file completely. `on_batch` sees every decoded batch (for the stream stages)."""
+                   on_batch: Callable[[CaptureReader, RecordBatch, DecodeContext], None] | None = None
+                   ) -> CaptureDecode:
+    """Decode one capture file completely. `on_batch(reader, batch, ctx)` sees every decoded batch while its
+    buffer is valid (the stream stages take their TCP segments there)."""
     reader = CaptureReader(path, config, name=name)
     cols = PacketColumns(reader.info.name, reader.info)
     for batch in reader:
@@ -268,7 +270,7 @@ def decode_capture(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFI
             ctx = decode_batch(part, link_types, config)
             cols.add(part, ctx, reader.info)
             if on_batch is not None:
-                on_batch(part, ctx)
+                on_batch(reader, part, ctx)
     info = reader.info
     rows = [(info.name, i, layer, kind, detail) for i, layer, kind, detail in info.anomalies] + \
            [(info.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]

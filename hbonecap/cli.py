@@ -52,7 +52,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
-                  quiet: bool = False):
+                  quiet: bool = False, streams: bool = True):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -64,7 +64,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
         mapping[name] = rhs
     try:
         if quiet or not sys.stderr.isatty():
-            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs)
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -73,7 +73,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
             def step(path, done, total):
                 prog.update(task, total=total, completed=done, description=f"read {Path(path).name}")
 
-            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, progress=step)
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams, progress=step)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -163,10 +163,12 @@ def decode(
     limit: int = typer.Option(50, "--limit", help="Rows shown with --format table."),
     columns: Optional[str] = typer.Option(None, "--columns", "-c",
                                           help="Comma-separated columns, or 'all' (the terminal shows a summary set)."),
+    keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log, for the tunnels/streams tables."),
     jobs: Optional[int] = typer.Option(1, "--jobs", "-j", help="Processes (one capture each)."),
 ) -> None:
     """Decode captures (through Geneve and VXLAN) into the packets, connections or anomalies table."""
-    a = _run_analysis(files, None, None, jobs, quiet=fmt is not OutFormat.table)
+    needs_streams = table in (TableName.tunnels, TableName.streams, TableName.requests)
+    a = _run_analysis(files, keylog, None, jobs, quiet=fmt is not OutFormat.table, streams=needs_streams)
     _emit(a.table(table.value), fmt, output, limit, table.value, columns)
 
 

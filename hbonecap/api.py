@@ -17,6 +17,7 @@ import pandas as pd
 
 from hbonecap import tables
 from hbonecap.capture.points import Point, guess_point
+from hbonecap.capture.reader import redact_secrets
 from hbonecap.config import DEFAULT_CONFIG, LINKTYPE_NAMES, DecodeConfig
 from hbonecap.decode import anomalies_frame, decode_capture
 from hbonecap.errors import CaptureError, HbonecapError
@@ -122,7 +123,7 @@ def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Poi
         "interfaces": [",".join(ifnames)], "packets": [len(pk)], "bytes": [int(pk["caplen"].sum()) if len(pk) else 0],
         "first_ts": [ts.min() if len(ts) else pd.NaT], "last_ts": [ts.max() if len(ts) else pd.NaT],
         "snaplen": [max((i.snaplen for i in info.interfaces), default=0)],
-        "comment": [" | ".join(info.comments)], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
+        "comment": [redact_secrets(" | ".join(info.comments))], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
         "role": [point.role], "node": [point.node], "role_reason": [point.reason],
     }
     return CaptureResult(tables.frame("captures", row), pk, conns, anomalies, tun, strm, reqs, len(info.secrets),

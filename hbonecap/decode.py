@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from hbonecap import tables
-from hbonecap.capture.reader import CaptureInfo, CaptureReader, read_secrets  # noqa: F401
+from hbonecap.capture.reader import CaptureInfo, CaptureReader, read_secrets, redact_secrets  # noqa: F401
 from hbonecap.capture.records import RecordBatch
 from hbonecap.config import DEFAULT_CONFIG, LINKTYPE_NAMES, DecodeConfig
 from hbonecap.layers import context as K
@@ -192,7 +192,7 @@ class PacketColumns:
         self._add("caplen", batch.caplen)
         self._add("frame_offset", batch.data_off + batch.file_offset)
         for pos, text in batch.comments.items():
-            self.comments[int(numbers[pos])] = text
+            self.comments[int(numbers[pos])] = redact_secrets(text)
         for sel, layer, kind, detail in ctx.anomalies:
             idx = numbers[sel]
             if isinstance(detail, str):

@@ -160,3 +160,28 @@ def test_malformed_captures_are_reported(conformance, path):
     except CaptureError:
         return
     assert len(res.anomalies) > 0, "a malformed capture must leave anomaly rows"
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("path", [p for p, _g, t in ROWS if any(x.startswith("PCAPNG") for x in t)] or ["<absent>"])
+def test_section_comments_equal_capinfos(conformance, path):
+    if path == "<absent>":
+        pytest.skip("no conformance captures")
+    with open(CONFORMANCE / "_oracles" / (path + ".capinfos.txt"), newline="", errors="replace") as f:
+        first = f.read().split("File name:")[1]
+    expected = re.findall(r"^Capture comment:\s+(.*)$", first, re.M)
+    res = decode_capture(conformance / path)
+    # capinfos prints a comment's line breaks as spaces
+    assert [c.replace("\r\n", " ").replace("\n", " ") for c in res.info.comments] == expected
+
+
+@pytest.mark.conformance
+def test_key_log_lines_in_comments_are_redacted(conformance):
+    import hbonecap
+
+    path = conformance / "ajbanjara_Wireshark-wiki/uploads/__moin_import__/attachments/SampleCaptures/http2-16-ssl.pcapng"
+    secret = "A97655616C73DBA996B7A9EACAD4D658D8C2260674798DC843854F57C848D92DAF4F06A9D8BEB45F38C407BD7EB20FD4"
+    assert secret in " ".join(decode_capture(path).info.comments)   # the capture really carries one
+    a = hbonecap.analyze(path, streams=False)
+    text = a.captures.to_csv() + a.packets.to_csv()
+    assert secret not in text and "nghttp2/v0.7.3" in text and "redacted" in text

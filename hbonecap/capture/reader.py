@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -41,6 +42,16 @@ class CaptureInfo:
     def __repr__(self) -> str:  # never print secrets
         return (f"CaptureInfo(name={self.name!r}, format={self.format!r}, interfaces={len(self.interfaces)}, "
                 f"packets={self.packets}, secrets={len(self.secrets)})")
+
+
+KEY_LOG_LINE = re.compile(r"^\s*(CLIENT_RANDOM|RSA|CLIENT_EARLY_TRAFFIC_SECRET|CLIENT_HANDSHAKE_TRAFFIC_SECRET|"
+                          r"SERVER_HANDSHAKE_TRAFFIC_SECRET|CLIENT_TRAFFIC_SECRET_\d+|SERVER_TRAFFIC_SECRET_\d+|"
+                          r"EARLY_EXPORTER_SECRET|EXPORTER_SECRET)\s+[0-9A-Fa-f]+\s+[0-9A-Fa-f]+\s*$", re.M)
+
+
+def redact_secrets(text: str) -> str:
+    """Comments sometimes carry TLS key log lines (nghttp2 samples do); they never reach an output."""
+    return KEY_LOG_LINE.sub(lambda m: f"[{m.group(1)} key log line redacted]", text)
 
 
 def capture_name(path: str) -> str:

@@ -97,7 +97,7 @@ SCENARIOS: dict[str, dict] = {
         "description": "ten concurrent client connections multiplexed as ten CONNECT streams on one "
                        "HBONE connection; Rust-ztunnel headers",
         "dialect": "rust",
-        "steps": [[req("10.96.0.10:80", f"/bytes/{20000 + 1000 * i}?delay=0.3") for i in range(10)]],
+        "steps": [[req("10.96.0.10:80", f"/bytes/{4000 + 500 * i}?delay=0.3") for i in range(10)]],
     },
     "bulk": {
         "description": "one 5 MiB download through one CONNECT stream (flow control: WINDOW_UPDATEs, "
@@ -282,9 +282,11 @@ class ScenarioRun:
                     "--time-stamp-precision=nano", "-w", str(raw)]
             popen = self.procs.start(f"tcpdump {point}", netns, argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-            line = popen.stderr.readline()
-            if "listening on" not in line:
-                raise RuntimeError(f"tcpdump on {netns}/{iface} failed: {line.strip()}")
+            lines = [popen.stderr.readline()]
+            while lines[-1] and "listening on" not in lines[-1] and len(lines) < 5:
+                lines.append(popen.stderr.readline())  # e.g. "data link type LINUX_SLL2" first
+            if "listening on" not in lines[-1]:
+                raise RuntimeError(f"tcpdump on {netns}/{iface} failed: {' '.join(lines).strip()}")
             dumps.append((point, popen, raw))
         time.sleep(0.3)
 

@@ -128,24 +128,38 @@ class OvsInstance:
     def appctl(self, *args: str) -> str:
         return run("ovs-appctl", "-t", f"{self.dir}/vswitchd.ctl", *args).stdout
 
-    def stop(self) -> None:
-        for pid in reversed(self.pids):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(50):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self.pids.clear()
+
+
+def stop_pids(pids: list[int], timeout: float = 8.0) -> None:
+    """SIGTERM all, wait together, SIGKILL what is left (daemons we started, by PID)."""
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if _exists(pid)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of a daemon that detached is reaped by init; treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def no_offloads(netns: str, dev: str) -> None:
@@ -313,8 +327,7 @@ table ip hbl_tproxy {{
 
     # ------------------------------------------------------------------ teardown
     def teardown(self) -> None:
-        for inst in self.ovs.values():
-            inst.stop()
+        stop_pids([pid for inst in self.ovs.values() for pid in inst.pids])
         self.ovs.clear()
         remove_namespaces(self.log)
 

@@ -1,0 +1,308 @@
+"""Check the ambient-lab samples (samples/<scenario>/) against their truth.json, with tshark.
+
+Every expectation comes from the scenario's truth.json (written by samples/lab/lab.py from the
+proxies' and apps' own logs); the captures are read independently with tshark, decrypting HBONE
+with the scenario's key log. A regenerated lab (``sudo python3 samples/lab/lab.py``) is checked
+the same way as the committed samples.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+TRUTH_FILES = sorted(SAMPLES.glob("*/truth.json"))
+TSHARK = shutil.which("tshark")
+
+pytestmark = [pytest.mark.lab, pytest.mark.tshark]
+
+
+def _scenarios():
+    if not TRUTH_FILES:
+        return [pytest.param(None, id="no-samples")]
+    return [pytest.param(path, id=path.parent.name) for path in TRUTH_FILES]
+
+
+@pytest.fixture(params=_scenarios())
+def truth(request):
+    if TSHARK is None:
+        pytest.skip("tshark is not on PATH: the lab sample checks read the captures with tshark")
+    if request.param is None:
+        pytest.skip(f"no lab samples: no {SAMPLES}/*/truth.json (run sudo python3 samples/lab/lab.py)")
+    data = json.loads(request.param.read_text())
+    data["_dir"] = request.param.parent
+    return data
+
+
+# --------------------------------------------------------------------------- tshark helpers
+
+def _tshark(*args: str) -> str:
+    proc = subprocess.run([TSHARK, "-n", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"tshark {' '.join(args)} failed: {proc.stderr}"
+    return proc.stdout
+
+
+def _ns(text: str) -> int:
+    sec, _, frac = text.partition(".")
+    return int(sec) * 10**9 + int((frac + "000000000")[:9])
+
+
+@functools.lru_cache(maxsize=None)
+def frame_times(path: Path) -> dict[int, int]:
+    out = _tshark("-r", str(path), "-T", "fields", "-e", "frame.number", "-e", "frame.time_epoch")
+    return {int(a): _ns(b) for a, b in (line.split("\t") for line in out.splitlines() if line)}
+
+
+@functools.lru_cache(maxsize=None)
+def geneve_packets(path: Path) -> list[tuple[int, int, str]]:
+    out = _tshark("-r", str(path), "-Y", "geneve", "-T", "fields", "-e", "geneve.vni", "-e", "udp.dstport",
+                  "-e", "geneve.proto_type")
+    rows = []
+    for line in out.splitlines():
+        vni, port, proto = line.split("\t")
+        rows.append((int(vni, 16), int(port.split(",")[0]), proto))
+    return rows
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+@functools.lru_cache(maxsize=None)
+def http2_frames(path: Path, keylog: Path) -> list[dict]:
+    """Decrypted HTTP/2 HEADERS frames (one dict per frame, several per packet possible)."""
+    out = _tshark("-r", str(path), "-o", f"tls.keylog_file:{keylog}", "-d", "tcp.port==15008,tls",
+                  "-Y", "http2.type == 1", "-T", "json", "--no-duplicate-keys", "-J", "frame ip tcp http2")
+    frames = []
+    for packet in json.loads(out or "[]"):
+        layers = packet["_source"]["layers"]
+        ip = _as_list(layers["ip"])[-1]
+        tcp = _as_list(layers["tcp"])[-1]
+        for layer in _as_list(layers.get("http2")):
+            for stream in _as_list(layer.get("http2.stream")):
+                if "http2.type" not in stream:
+                    continue
+                frames.append({
+                    "frame": int(layers["frame"]["frame.number"]),
+                    "src": f"{ip['ip.src']}:{tcp['tcp.srcport']}", "dst": f"{ip['ip.dst']}:{tcp['tcp.dstport']}",
+                    "stream_id": int(stream["http2.streamid"]), "type": int(stream["http2.type"]),
+                    "flags": int(stream["http2.flags"], 16),
+                    "headers": [(h["http2.header.name"], h["http2.header.value"])
+                                for h in _as_list(stream.get("http2.header"))],
+                })
+    return frames
+
+
+@functools.lru_cache(maxsize=None)
+def tcp_packets(path: Path) -> list[dict]:
+    out = _tshark("-r", str(path), "-Y", "tcp", "-T", "fields", "-E", "occurrence=l",
+                  "-e", "frame.time_epoch", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e", "tcp.dstport",
+                  "-e", "tcp.flags", "-e", "tcp.len", "-e", "ip.id", "-e", "tcp.seq_raw", "-e", "tcp.ack_raw")
+    rows = []
+    for line in out.splitlines():
+        t, src, dst, sport, dport, flags, length, ipid, seq, ack = line.split("\t")
+        rows.append({"ns": _ns(t), "src": f"{src}:{sport}", "dst": f"{dst}:{dport}", "flags": int(flags, 16),
+                     "len": int(length), "key": (src, dst, sport, dport, ipid, seq, ack, length)})
+    return rows
+
+
+def _file(truth: dict, point: str) -> Path:
+    return truth["_dir"] / truth["capture_points"][point]["file"]
+
+
+def _keylog(truth: dict) -> Path:
+    return truth["_dir"] / truth["keylog"]
+
+
+def _hbone_hops(truth: dict):
+    for conn in truth["connections"]:
+        for hop in conn["hops"]:
+            if hop["kind"] == "hbone":
+                yield conn, hop
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_files_present(truth):
+    assert truth["connections"], "truth lists no client connections"
+    assert _keylog(truth).stat().st_size > 0
+    for line in _keylog(truth).read_text().splitlines():
+        label, client_random, secret = line.split(" ")
+        assert label in {"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+                         "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0", "EXPORTER_SECRET"}
+        assert re.fullmatch(r"[0-9a-f]{64}", client_random) and re.fullmatch(r"[0-9a-f]+", secret)
+    for point, meta in truth["capture_points"].items():
+        path = _file(truth, point)
+        assert path.exists(), f"{point}: {path} missing"
+        assert len(frame_times(path)) > 0, f"{point}: empty capture"
+
+
+def test_interface_names_in_pcapng(truth):
+    points = {p: m for p, m in truth["capture_points"].items() if m["format"] == "pcapng"}
+    if not points:
+        pytest.skip("this scenario has no pcapng captures")
+    for point, meta in points.items():
+        out = _tshark("-r", str(_file(truth, point)), "-T", "fields", "-e", "frame.interface_name", "-e", "sll.ifindex")
+        counts: dict[str, int] = {}
+        for line in out.splitlines():
+            name, _ = line.split("\t")
+            counts[name] = counts.get(name, 0) + 1
+        assert counts == meta["interfaces"], point
+        assert meta["linktype"] == "LINUX_SLL2"
+
+
+def test_geneve_vnis(truth):
+    for point, meta in truth["capture_points"].items():
+        rows = geneve_packets(_file(truth, point))
+        vnis = sorted({vni for vni, _, _ in rows})
+        assert vnis == sorted(meta["geneve_vnis"]), f"{point}: VNIs {vnis}, truth {meta['geneve_vnis']}"
+        tunnels = {t["vni"]: t for t in truth["topology"]["tunnels"]}
+        for vni, port, proto in rows:
+            assert port == tunnels[vni]["udp_port"], point
+            assert proto == "0x6558", f"{point}: Geneve inner protocol {proto} is not Ethernet"
+
+
+def test_connect_headers_and_status(truth):
+    keylog = _keylog(truth)
+    decrypted = {p: http2_frames(_file(truth, p), keylog) for p in truth["capture_points"]}
+    for conn, hop in _hbone_hops(truth):
+        seen_at = []
+        for point, frames in decrypted.items():
+            requests = [f for f in frames if f["type"] == 1 and f["stream_id"] == hop["stream_id"]
+                        and f["src"] == hop["client"] and f["dst"] == hop["server"]]
+            responses = [f for f in frames if f["type"] == 1 and f["stream_id"] == hop["stream_id"]
+                         and f["src"] == hop["server"] and f["dst"] == hop["client"]]
+            if not requests:
+                continue
+            seen_at.append(point)
+            assert [list(h) for h in requests[0]["headers"]] == hop["request_headers"], (conn["id"], point)
+            assert responses, f"{conn['id']} {hop['name']}: no response HEADERS at {point}"
+            assert dict(responses[0]["headers"])[":status"] == str(hop["status"]), (conn["id"], point)
+            anchors = hop["packets"][point]
+            assert anchors["connect"]["frame"] == requests[0]["frame"], (conn["id"], point)
+            assert anchors["response"]["frame"] == responses[0]["frame"], (conn["id"], point)
+        assert seen_at, f"{conn['id']} {hop['name']}: CONNECT stream {hop['stream_id']} not found decrypted anywhere"
+        assert sorted(seen_at) == sorted(p for p, a in hop["packets"].items() if "connect" in a)
+
+
+def test_dialect_headers(truth):
+    for conn, hop in _hbone_hops(truth):
+        headers = dict(hop["request_headers"])
+        assert headers[":method"] == "CONNECT"
+        assert ":scheme" not in headers and ":path" not in headers
+        if hop["name"].startswith("waypoint->"):
+            # Envoy-originated HBONE: no extra headers, :authority is the backend pod address.
+            assert set(headers) == {":method", ":authority"}
+            assert headers[":authority"] == conn["backend"]
+            continue
+        expected_authority = conn["original_dst"] if conn["via_waypoint"] else conn["backend"]
+        assert headers[":authority"] == expected_authority
+        if truth["dialect"] == "envoy":
+            assert headers["x-envoy-original-dst-host"] == headers[":authority"]
+            assert "forwarded" not in headers and "traceparent" not in headers
+        else:
+            assert "x-envoy-original-dst-host" not in headers
+            assert headers["forwarded"] == f'for="{conn["client"]}"'
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", headers["traceparent"])
+            assert "k8s.namespace.name=" in headers["baggage"]
+
+
+def test_outcomes(truth):
+    for conn in truth["connections"]:
+        assert conn["outcome"] == conn["expected_outcome"], conn["id"]
+        assert conn["hbone_status"] == conn["expected_hbone_status"], conn["id"]
+        first_hop = next(h for h in conn["hops"] if h["kind"] == "hbone")
+        assert first_hop["status"] == conn["expected_hbone_status"], conn["id"]
+
+
+def test_client_leg_on_pod_a(truth):
+    point = next(p for p, m in truth["capture_points"].items() if m["namespace"] == "hbl-pod-a")
+    packets = tcp_packets(_file(truth, point))
+    for conn in truth["connections"]:
+        client, server = conn["client"], conn["original_dst"]
+        c2s = [p for p in packets if p["src"] == client and p["dst"] == server]
+        s2c = [p for p in packets if p["src"] == server and p["dst"] == client]
+        assert any(p["flags"] & 0x02 for p in c2s), f"{conn['id']}: no SYN {client} -> {server} at {point}"
+        if truth["capture_points"][point]["format"] == "pcap":  # -i any shows each packet once per interface
+            assert sum(p["len"] for p in c2s) == conn["bytes_client_to_server"], conn["id"]
+            assert sum(p["len"] for p in s2c) == conn["bytes_server_to_client"], conn["id"]
+        if conn["expected_outcome"] == "reset":
+            assert any(p["flags"] & 0x04 for p in s2c), f"{conn['id']}: no RST from {server}"
+        else:
+            assert any(p["flags"] & 0x01 for p in s2c) and not any(p["flags"] & 0x04 for p in s2c), conn["id"]
+
+
+def test_pooling(truth):
+    """Client connections share HBONE connections: one TCP SYN per HBONE connection, distinct streams."""
+    for hb in truth["hbone_connections"]:
+        hops = [h for _, h in _hbone_hops(truth) if h["client"] == hb["client"] and h["server"] == hb["server"]]
+        assert sorted(h["stream_id"] for h in hops) == hb["stream_ids"]
+        assert len(set(hb["stream_ids"])) == len(hb["stream_ids"])
+        assert all(s % 2 == 1 for s in hb["stream_ids"])  # client-initiated streams
+        for point in hb["packets"]:
+            syns = [p for p in tcp_packets(_file(truth, point))
+                    if p["src"] == hb["client"] and p["dst"] == hb["server"] and p["flags"] & 0x02]
+            assert syns, f"HBONE connection {hb['client']} -> {hb['server']}: no SYN at {point}"
+    opened_by_a = [hb for hb in truth["hbone_connections"] if hb["opened_by"] == "ztunnel-a"]
+    # Every client connection of a scenario goes to one destination, so ztunnel A uses one pooled connection.
+    assert len(opened_by_a) == 1
+    assert len(opened_by_a[0]["stream_ids"]) == len(truth["connections"])
+
+
+def test_truth_packet_times_match_captures(truth):
+    """Every key packet time in truth.json is the time of that frame in the file (after any clock shift)."""
+    def check(point, anchors):
+        times = frame_times(_file(truth, point))
+        for name, anchor in anchors.items():
+            if isinstance(anchor, dict):
+                assert times[anchor["frame"]] == anchor["ns"], (point, name)
+
+    for conn in truth["connections"]:
+        for hop in conn["hops"]:
+            for point, anchors in hop["packets"].items():
+                check(point, anchors)
+    for hb in truth["hbone_connections"]:
+        for point, anchors in hb["packets"].items():
+            check(point, anchors)
+
+
+def test_clock_offset(truth):
+    if not truth["clock_offsets"]:
+        pytest.skip("no clock offset applied in this scenario")
+    points = truth["capture_points"]
+    for node, offset in truth["clock_offsets"].items():
+        shifted = [p for p in offset["capture_points"] if points[p]["interface"] == "eth0"
+                   and points[p]["namespace"] == f"hbl-{node}"]
+        reference = [p for p, m in points.items() if m["clock_offset_ns"] == 0 and m["interface"] == "eth0"
+                     and m["namespace"].startswith("hbl-node-")]
+        assert shifted and reference, "need an underlay capture on both sides"
+        topo = truth["topology"]
+        on_node = {topo["nodes"][node]} | {pod["ip"] for pod in topo["pods"].values() if pod["node"] == node}
+        a = {p["key"]: p["ns"] for p in tcp_packets(_file(truth, reference[0]))}
+        forward, backward = [], []  # towards the shifted node / away from it
+        for p in tcp_packets(_file(truth, shifted[0])):
+            if p["key"] in a:
+                delta = p["ns"] - a[p["key"]]
+                (backward if p["src"].rsplit(":", 1)[0] in on_node else forward).append(delta)
+        assert len(forward) > 10 and len(backward) > 10
+        # NTP-style: the mean of both directions' delays cancels the (tiny) transit time.
+        estimate = (statistics.median(forward) + statistics.median(backward)) / 2
+        assert abs(estimate - offset["offset_ns"]) < 200_000, (estimate, offset["offset_ns"])
+        assert all(abs(d - offset["offset_ns"]) < 2_000_000 for d in forward + backward)
+        # The shift is large compared to the transit, so uncorrected node-B times are visibly wrong.
+        assert abs(offset["offset_ns"]) > 1_000_000
+    # The proxies' own (unshifted) log times agree with the corrected capture times.
+    for conn, hop in _hbone_hops(truth):
+        for point, anchors in hop["packets"].items():
+            if "connect" in anchors and points[point]["clock_offset_ns"]:
+                true_ns = anchors["connect"]["ns"] - points[point]["clock_offset_ns"]
+                assert conn["start"]["ns"] < true_ns < conn["end"]["ns"], (conn["id"], point)

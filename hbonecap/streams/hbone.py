@@ -222,7 +222,10 @@ class HboneObserver:
         out = []
         for s in self.streams.values():
             if s.end_reason is None:
-                if self.goaway is not None and s.stream_id > self.goaway[1]:
+                if s.ended[1] is not None and s.status is not None and not 200 <= s.status < 300:
+                    # a refused CONNECT (4xx/5xx with END_STREAM) ends the stream; the client need not answer
+                    s.end_reason, s.end_ts = "end_stream", s.ended[1]
+                elif self.goaway is not None and s.stream_id > self.goaway[1]:
                     s.end_reason, s.end_ts = "goaway", self.goaway[0]
                 elif self.goaway is not None:
                     s.end_reason, s.end_ts = "goaway", last_ts

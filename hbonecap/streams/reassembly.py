@@ -13,7 +13,7 @@ Strategy
     comparing against the pending ranges and a bounded tail of recently delivered chunks (no copies).
   * Gaps are explicit `StreamGap` events, never zero-filled. A hole is declared when the peer has acknowledged beyond
     it while later data is waiting and a few more segments went by without filling it (`HOLE_PATIENCE`), when the out-of-order buffer exceeds its cap, at RST/close, or when the capture's
-    snapshot length cut a segment (`reason='snaplen'`).
+    snapshot length cut a segment (`reason='snaplen'`; reported once as `tcp_snaplen_cut`, summarised at close).
   * A FIN ends the direction once every byte before it has been delivered (`StreamEnd('fin')`); a RST ends it at once.
 
 Limits
@@ -82,7 +82,8 @@ def _signed32(x: int) -> int:
 class _Direction:
     __slots__ = ("d", "base", "next_off", "starts", "ranges", "pending_bytes", "tail", "tail_bytes",
                  "fin_off", "ended", "syn_seen", "midstream", "retransmissions", "conflicts", "gaps",
-                 "max_buffer", "max_ranges", "delivered", "gap_bytes", "hole_acked")
+                 "max_buffer", "max_ranges", "delivered", "gap_bytes", "hole_acked", "snaplen_cuts",
+                 "snaplen_bytes")
 
     def __init__(self, d: int, max_buffer: int, max_ranges: int) -> None:
         self.d = d
@@ -105,6 +106,8 @@ class _Direction:
         self.max_buffer = max_buffer
         self.max_ranges = max_ranges
         self.hole_acked = 0
+        self.snaplen_cuts = 0
+        self.snaplen_bytes = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def offset_of(self, seq: int) -> int:
@@ -121,9 +124,11 @@ class _Direction:
     def _compare_delivered(self, off: int, data: bytes) -> bool:
         """True when `data` at `off` (all before next_off) differs from what was delivered there (as far as kept)."""
         end = off + len(data)
-        for t_off, t_data in self.tail:
+        for t_off, t_data in reversed(self.tail):  # newest first: retransmissions are usually recent
             t_end = t_off + len(t_data)
-            if t_end <= off or t_off >= end:
+            if t_end <= off:
+                break
+            if t_off >= end:
                 continue
             lo, hi = max(off, t_off), min(end, t_end)
             if data[lo - off:hi - off] != t_data[lo - t_off:hi - t_off]:
@@ -201,6 +206,14 @@ class _Direction:
                                      f"{self.next_off}; hole of {first - self.next_off} bytes given up", idx))
             self.gap_to(out, anomalies, first, ts, idx, "overflow")
 
+    def _snaplen(self, anomalies: list, off: int, length: int, idx: int) -> None:
+        """Segments cut by the snapshot length: the first one is reported, the rest counted (summary at close)."""
+        self.snaplen_cuts += 1
+        self.snaplen_bytes += length
+        if self.snaplen_cuts == 1:
+            anomalies.append(Anomaly("tcp", "tcp_snaplen_cut", f"dir {self.d}: {length} bytes cut by the snapshot "
+                                                               f"length at offset {off}", idx))
+
     def gap_to(self, out: list, anomalies: list, off: int, ts: int, idx: int, reason: str) -> None:
         if off <= self.next_off:
             return
@@ -267,15 +280,13 @@ class _Direction:
                     if cap:
                         self._deliver(out, off, bytes(payload), cap, ts, idx, "")
                     if end > off + cap:
-                        anomalies.append(Anomaly("tcp", "tcp_gap", f"dir {self.d}: {end - off - cap} bytes cut by "
-                                                                   f"the snapshot length at offset {off + cap}", idx))
+                        self._snaplen(anomalies, off + cap, end - off - cap, idx)
                         self._deliver(out, off + cap, None, end - off - cap, ts, idx, "snaplen")
                 else:
                     if cap:
                         self._store(out, anomalies, off, off + cap, bytes(payload), ts, idx)
                     if end > off + cap:
-                        anomalies.append(Anomaly("tcp", "tcp_gap", f"dir {self.d}: {end - off - cap} bytes cut by "
-                                                                   f"the snapshot length at offset {off + cap}", idx))
+                        self._snaplen(anomalies, off + cap, end - off - cap, idx)
                         self._store(out, anomalies, off + cap, end, None, ts, idx)
                     self._drain(out)
         if not self.starts:
@@ -361,4 +372,7 @@ class TcpReassembler:
         anomalies: list = []
         for d in self.dirs:
             d.flush(out, anomalies, self.last_ts, self.last_index, "close")
+            if d.snaplen_cuts > 1:
+                anomalies.append(Anomaly("tcp", "tcp_snaplen_cut", f"dir {d.d}: {d.snaplen_cuts} segments cut by the "
+                                                                   f"snapshot length, {d.snaplen_bytes} bytes missing"))
         return anomalies + out if anomalies else out

@@ -121,6 +121,7 @@ def test_snaplen_cut_is_a_gap():
     ev += r.feed(0, 12, 0, 0, b"next", 4, 3, 3)
     assert stream_bytes(ev) == b"abc" + b"?" * 7 + b"next"
     assert [e.reason for e in ev if isinstance(e, StreamGap)] == ["snaplen"]
+    assert [e.kind for e in ev if isinstance(e, Anomaly)] == ["tcp_snaplen_cut"]
 
 
 def test_buffer_is_bounded():

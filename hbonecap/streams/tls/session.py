@@ -23,7 +23,10 @@ Strategy
 
 Limits
   * `max_trials` AEAD attempts per connection for all searches together; `max_timeline` records kept.
-  * 0-RTT early data is not decrypted (reported as `tls_early_data`); CBC/CCM suites are not decrypted.
+  * Without a ServerHello (one-way captures) TLS 1.3 client records are decrypted when the client's logged secrets
+    authenticate them (suite inferred from the secret length and the offered suites: `tls_server_hello_missing`).
+  * 0-RTT early data is decrypted only when the key log has the early secret and no ServerHello/handshake key
+    claims the record; CBC/CCM suites are not decrypted.
 """
 from __future__ import annotations
 
@@ -194,12 +197,17 @@ class TlsSession:
                 self._plain_gap(d, "no_key", out)
             return
         if self.version is None and not self.midstream and d == 0 and self.client_hello is not None:
-            # client records before any ServerHello: 0-RTT early data
-            self._once(out, "tls_early_data", "client sent 0-RTT data before the ServerHello; not decrypted")
-            self.undecrypted[d] += 1
-            self._plain_gap(d, "early_data", out)
-            return
-        result = self._decrypt(d, rec, out)
+            # Client records and no ServerHello: 0-RTT early data, or a capture that sees only the client side
+            # (ztunnel's replies may leave by another interface). The key log may still say which keys fit.
+            result = self._infer_client_keys(rec, out)
+            if result is None:
+                self._once(out, "tls_no_server_hello", "encrypted client records without a ServerHello in the capture; "
+                                                       "no logged client secret decrypts them")
+                self.undecrypted[d] += 1
+                self._plain_gap(d, "no_key", out)
+                return
+        else:
+            result = self._decrypt(d, rec, out)
         if result is None:
             self.undecrypted[d] += 1
             self._plain_gap(d, "no_key" if self.keys[d] is None and self.app_keys[d] is None else "decrypt_failed", out)
@@ -327,6 +335,46 @@ class TlsSession:
                     return r
         self._once(out, "tls_decrypt_failed", f"dir {d}: a record of {len(rec.fragment)} bytes does not "
                                               f"authenticate with the logged secrets", key=f"decrypt_failed/{d}")
+        return None
+
+    def _infer_client_keys(self, rec: Record, out: list):
+        """Decrypt a client record without the ServerHello: try the logged client secrets of this client random
+        with every TLS 1.3 suite their length allows (handshake keys first, then 0-RTT keys)."""
+        kl = self.keylog
+        if self.keys[0] is not None:
+            return self._decrypt(0, rec, out)
+        if kl is None or self.client_hello is None:
+            return None
+        entry = kl.secrets.get(self.client_hello.random)
+        if not entry:
+            return None
+        for label in ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0", "CLIENT_EARLY_TRAFFIC_SECRET"):
+            secret = entry.get(label)
+            if secret is None:
+                continue
+            for suite in candidate_suites(len(secret)):
+                if suite not in self.client_hello.cipher_suites:
+                    continue
+                k = RecordKeys.tls13(suite, secret, label)
+                for seq in range(4):
+                    if not self._budget(out):
+                        return None
+                    r = k.decrypt(rec.content_type, rec.version, rec.header, rec.fragment, seq)
+                    if r is None:
+                        continue
+                    self.suite = suite
+                    if label == "CLIENT_EARLY_TRAFFIC_SECRET":
+                        self._once(out, "tls_early_data", "0-RTT early data decrypted")
+                        return r
+                    self.version = 0x0304
+                    self.keys[0] = k
+                    app = entry.get("CLIENT_TRAFFIC_SECRET_0")
+                    if label == "CLIENT_HANDSHAKE_TRAFFIC_SECRET" and app is not None:
+                        self.app_keys[0] = RecordKeys.tls13(suite, app, "CLIENT_TRAFFIC_SECRET_0")
+                    out.append(Anomaly("tls", "tls_server_hello_missing",
+                                       f"no ServerHello captured; version and suite inferred from the key log "
+                                       f"({self.suite_name}, {label})"))
+                    return r
         return None
 
     def _midstream_search(self, d: int, rec: Record, out: list):

@@ -108,6 +108,20 @@ def test_gap_marks_hpack_lost():
     assert [e.data.data for e in ev if isinstance(e, H2Data)] == [b"x", b"y"]
 
 
+def test_control_frames_decoded():
+    from hbonecap.streams.http2.connection import H2Control
+    from hbonecap.streams.http2.frames import control_fields
+
+    conn = Http2Connection(client_preface=False)
+    ev = feed(conn, 0, frame(4, 0, 0, struct.pack(">HIHI", 1, 0, 4, 1 << 22)) + frame(6, 1, 0, b"12345678")
+              + frame(8, 0, 0, struct.pack(">I", 1 << 24)) + frame(2, 0, 3, struct.pack(">IB", 0x80000001, 15))
+              + frame(0xBB, 0, 0, b"ext"))
+    fields = [control_fields(e.frame) for e in ev if isinstance(e, H2Control)]
+    assert fields == [{"ack": False, "settings": [("HEADER_TABLE_SIZE", 0), ("INITIAL_WINDOW_SIZE", 1 << 22)]},
+                      {"ack": True, "opaque": b"12345678".hex()}, {"increment": 1 << 24},
+                      {"depends_on": 1, "exclusive": True, "weight": 16}, {}]
+
+
 def test_find_frame_start():
     data = frame(4, 0, 0, b"") + frame(8, 0, 0, b"\0\0\0\1")
     assert find_frame_start(b"\xff\xff\xff" + data) == 3

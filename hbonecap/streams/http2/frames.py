@@ -151,6 +151,29 @@ def strip_padding(frame_type: int, flags: int, payload: Timed) -> tuple[Timed, i
     return (payload if start == 0 and end == len(data) else payload.slice(start, end)), dep, None
 
 
+SETTINGS_NAMES = {1: "HEADER_TABLE_SIZE", 2: "ENABLE_PUSH", 3: "MAX_CONCURRENT_STREAMS", 4: "INITIAL_WINDOW_SIZE",
+                  5: "MAX_FRAME_SIZE", 6: "MAX_HEADER_LIST_SIZE", 8: "ENABLE_CONNECT_PROTOCOL"}
+PRIORITY_FIELDS = struct.Struct(">IB")
+
+
+def control_fields(frame: "Frame") -> dict:
+    """Decoded fields of SETTINGS, PING, WINDOW_UPDATE and PRIORITY frames (RFC 9113 6.3, 6.5, 6.7, 6.9); {} for
+    others or when the payload has the wrong size (an observer reports, it does not reject)."""
+    data, ft = frame.payload.data, frame.type
+    if ft == SETTINGS:
+        return {"ack": bool(frame.flags & FLAG_ACK),
+                "settings": [(SETTINGS_NAMES.get(k, f"0x{k:x}"), v) for k, v in
+                             (SETTING.unpack_from(data, i) for i in range(0, len(data) - 5, 6))]}
+    if ft == PING and len(data) == 8:
+        return {"ack": bool(frame.flags & FLAG_ACK), "opaque": data.hex()}
+    if ft == WINDOW_UPDATE and len(data) == 4:
+        return {"increment": U32.unpack(data)[0] & 0x7FFFFFFF}
+    if ft == PRIORITY and len(data) == 5:
+        dep, weight = PRIORITY_FIELDS.unpack(data)
+        return {"depends_on": dep & 0x7FFFFFFF, "exclusive": bool(dep >> 31), "weight": weight + 1}
+    return {}
+
+
 class FrameReader:
     """Frames out of one direction's byte stream (plaintext after TLS, or cleartext h2c)."""
 

@@ -30,6 +30,14 @@ def tagged(*tags: str) -> list[str]:
     return out
 
 
+def all_captures() -> list[str]:
+    """Every capture listed in SPLIT.tsv (folders of JSON vectors excluded)."""
+    split = CONFORMANCE / "SPLIT.tsv"
+    if not split.is_file():
+        return []
+    return [ln.split("\t")[0] for ln in split.read_text().splitlines()[1:] if ln and not ln.split("\t")[0].endswith("/")]
+
+
 def keylog_path(capture: str) -> Path | None:
     """The key log tshark used for this capture (first line of its tls_follow_raw oracle), if any."""
     follow = ORACLES / (capture + ".tls_follow_raw.txt")

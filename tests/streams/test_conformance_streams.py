@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance_oracles import CONFORMANCE, ORACLES, follow_raw, header_blocks, keylog_path, tagged
+from conformance_oracles import CONFORMANCE, ORACLES, all_captures, follow_raw, header_blocks, keylog_path, tagged
 
 pytestmark = pytest.mark.conformance
 
@@ -74,3 +74,31 @@ def test_decrypted_plaintext_equals_tshark_follow(capture):
              and (v[0].total or v[1].total)]
     assert not extra
     assert not [a for a in results.anomalies if a["kind"] in ("tls_decrypt_failed", "tls_bad_record")]
+
+
+ALL_CAPTURES = all_captures()
+
+
+@pytest.mark.parametrize("capture", ALL_CAPTURES or ["<none>"], ids=lambda c: c.rsplit("/", 1)[-1])
+def test_every_capture_analyses_without_error(capture):
+    """Stream stages never raise on third-party captures (NEG/malformed ones included); rows keep their schema."""
+    _need_conformance()
+    from hbonecap.errors import CaptureError
+    from hbonecap.tables import columns
+
+    try:
+        results = analyse(capture)
+    except CaptureError:
+        pytest.skip("the capture reader rejects this file (its own tests check that)")
+    for name in ("tunnels", "streams", "requests", "anomalies"):
+        for row in getattr(results, name):
+            assert set(row) <= set(columns(name))
+
+
+@pytest.mark.parametrize("capture", tagged("H1-CONNECT-tunnel") or ["<none>"], ids=lambda c: c.rsplit("/", 1)[-1])
+def test_http1_connect_tunnels(capture):
+    _need_conformance()
+    results = analyse(capture)
+    methods = [r["method"] for r in results.requests]
+    assert "CONNECT" in methods
+    assert [r["status"] for r in results.requests if r["method"] == "CONNECT"] == [200]

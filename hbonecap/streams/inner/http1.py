@@ -29,7 +29,7 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
 METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI",
            b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT", b"SEARCH")
-REQUEST_LINE = re.compile(rb"([A-Z][A-Z_-]{1,19}) (\S+) HTTP/(1\.[01])\r?$")
+REQUEST_LINE = re.compile(rb"([A-Z][A-Z_-]{1,19}) +(\S+)((?: +\S+)*?) +HTTP/(1\.[01])\r?$")
 STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) (\d{3})(?: (.*))?\r?$")
 _RESYNC_REQ = re.compile(rb"(?:^|\n)(?:" + b"|".join(METHODS) + rb") \S+ HTTP/1\.[01]\r?\n")
 _RESYNC_RSP = re.compile(rb"(?:^|\n)HTTP/1\.[01] \d{3}")
@@ -289,7 +289,10 @@ class Http1Connection:
                 out.append(Anomaly("http1", "http1_bad_start_line", f"dir 0: {start[:60]!r}"))
                 dd.state = "lost"
                 return
-            req = Http1Request(m.group(1).decode("latin-1"), m.group(2).decode("latin-1"), m.group(3).decode(),
+            if m.group(3) or b"  " in start:
+                out.append(Anomaly("http1", "http1_odd_start_line", f"dir 0: extra spaces or tokens in "
+                                                                    f"{start[:60]!r} (first target kept)"))
+            req = Http1Request(m.group(1).decode("latin-1"), m.group(2).decode("latin-1"), m.group(4).decode(),
                                headers, ts_first, head.ts_last)
             self.requests += 1
             self.pending.append(req)

@@ -182,7 +182,10 @@ class TlsSession:
         self._timeline(d, rec)
         ct = rec.content_type
         if ct == CHANGE_CIPHER_SPEC:
-            if self.version != 0x0304 and not self.midstream:
+            # TLS 1.2 (negotiated, or a mid-stream 1.2 renegotiation/resumption): this side encrypts from now on.
+            # TLS 1.3 middlebox-compatibility CCS, and any CCS before the ServerHello (e.g. after a
+            # HelloRetryRequest), change nothing.
+            if (self.version is not None and self.version != 0x0304) or (self.midstream and self.version is None):
                 self.encrypting[d] = True
                 self._setup_keys(out)
             return

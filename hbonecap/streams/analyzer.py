@@ -187,16 +187,20 @@ class _Stack:
             return
         if self.first_ts is None:
             self.first_ts = piece.ts_first
-        self.last_ts = piece.ts_last
+        self.last_ts = piece.marks[-1][1]
         self.bytes[d] += len(piece.data)
         st = self.state
-        if st == "detect":
+        if st == "tls":
+            events = self.tls.feed(d, piece)
+            if events:
+                self._tls_events(events)
+        elif st == "detect":
             self.pend[d].append_timed(piece)
             self._detect()
-        elif st == "tls":
-            self._tls_events(self.tls.feed(d, piece))
         elif st == "h2":
-            self._h2_events(self.h2.feed(d, piece))
+            events = self.h2.feed(d, piece)
+            if events:
+                self._h2_events(events)
         elif st == "http1":
             self._http1_events(self.http1.feed(d, piece))
         elif st == "proxy":
@@ -598,9 +602,13 @@ class StreamAnalyzer:
                 c.last_ts = seg.ts_ns
                 c.last_index = seg.index
                 c.bytes[d] += seg.payload_len
-                for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns,
-                                      seg.index):
-                    self._dispatch(c, e)
+                events = c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index)
+                if len(events) == 1 and type(events[0]) is StreamData:
+                    e = events[0]
+                    c.stack.data(d, Timed(e.data, ((0, e.ts_ns),)))
+                else:
+                    for e in events:
+                        self._dispatch(c, e)
                 if flags & (FIN | RST):
                     c.ended[d] = True
                     if flags & RST:

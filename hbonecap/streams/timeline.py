@@ -89,6 +89,14 @@ class TimedBuffer:
         self.buf += data
 
     def append_timed(self, piece: Timed) -> None:
+        marks = piece.marks
+        if len(marks) == 1:  # the common case: one capture time
+            if piece.data:
+                ts = marks[0][1]
+                if not self.marks or self.marks[-1][1] != ts:
+                    self.marks.append((self.start + len(self.buf), ts))
+                self.buf += piece.data
+            return
         base = self.end
         if not piece.data:
             return

@@ -45,7 +45,11 @@ from .tls.session import TlsAlert, TlsAppData, TlsPlainGap, TlsSession
 MAX_DEPTH = 4
 DETECT_WINDOW = 16 * 1024
 TUNNEL_BYTES_CAP = 1 << 20          # retained tunnelled bytes per stream and direction
+TUNNEL_BYTES_TOTAL = 256 << 20      # retained tunnelled bytes of all streams together
 PLAINTEXT_CAP = 16 << 20            # retained decrypted bytes per TLS connection and direction (keep_plaintext)
+TIMELINE_PER_CONN = 200_000         # TLS records kept in the timeline of one connection
+TIMELINE_TOTAL = 5_000_000          # ... and of all connections together
+MAX_ANOMALIES_PER_KIND = 100        # anomaly rows of one kind per connection; the rest are counted
 MAX_HEADER_LOG = 200_000
 IDLE_NS = 15 * 60 * 10**9
 CLOSED_LINGER_NS = 60 * 10**9
@@ -119,13 +123,33 @@ class _Ctx:
         self.config = config
         self.capture = ""
         self.index: int | None = None
+        self.conn_id: int | None = None
         self.header_log_dropped = 0
+        self.tunnel_bytes_kept = 0
+        self.timeline_kept = 0
+        self.counts: dict[int | None, dict[str, int]] = {}
 
     def anomaly(self, a: Anomaly) -> None:
+        per_conn = self.counts.setdefault(self.conn_id, {})
+        n = per_conn[a.kind] = per_conn.get(a.kind, 0) + 1
+        if n > MAX_ANOMALIES_PER_KIND:
+            return
         row = a.row(self.capture)
         if row["index"] is None:
             row["index"] = self.index
+        if self.conn_id is not None and a.layer != "keylog":
+            row["detail"] = f"c{self.conn_id}: {row['detail']}"
         self.results.anomalies.append(row)
+
+    def conn_done(self, conn_id: int) -> None:
+        """Summarise the anomalies of a finished connection that went over the per-kind cap."""
+        per_conn = self.counts.pop(conn_id, {})
+        for kind, n in per_conn.items():
+            if n > MAX_ANOMALIES_PER_KIND:
+                self.results.anomalies.append({
+                    "capture": self.capture, "index": None, "layer": kind.split("_")[0], "kind": kind,
+                    "detail": f"c{conn_id}: {n - MAX_ANOMALIES_PER_KIND} more {kind} anomalies not listed "
+                              f"({n} in all)"})
 
 
 class _Conn:
@@ -288,7 +312,8 @@ class _Stack:
         pend = [self.pend[0].take(len(self.pend[0])), self.pend[1].take(len(self.pend[1]))]
         if choice == "tls":
             self.state = "tls"
-            self.tls = TlsSession(self.ctx.keylog, midstream=self.midstream)
+            self.tls = TlsSession(self.ctx.keylog, midstream=self.midstream, max_timeline=max(
+                0, min(TIMELINE_PER_CONN, TIMELINE_TOTAL - self.ctx.timeline_kept)))
         elif choice == "h2":
             self._start_h2(self.midstream)
         elif choice == "http1":
@@ -361,7 +386,10 @@ class _Stack:
         if isinstance(t, hb.TunnelBytes):
             key = (self.sid, t.stream_id)
             tb = ctx.results.tunnel_bytes.setdefault(key, (TimedBytes(), TimedBytes()))
-            tb[t.direction].add(t.data, TUNNEL_BYTES_CAP)
+            kept = tb[t.direction]
+            before = len(kept.data)
+            kept.add(t.data, min(TUNNEL_BYTES_CAP, before + max(0, TUNNEL_BYTES_TOTAL - ctx.tunnel_bytes_kept)))
+            ctx.tunnel_bytes_kept += len(kept.data) - before
             child = self.children.get(t.stream_id)
             if child is None:
                 stream = self.hbone.streams[t.stream_id]
@@ -485,6 +513,7 @@ class _Stack:
         if self.tls is not None:
             self._tls_events(self.tls.close())
             ctx.results.records[self.sid] = self.tls.timeline
+            ctx.timeline_kept += len(self.tls.timeline)
         if self.h2 is not None:
             self._h2_events(self.h2.close())
             for t in self.hbone.close(last_ts):
@@ -562,8 +591,10 @@ class StreamAnalyzer:
         """Key log text found at run time (a pcapng DSB payload); bad lines become anomaly rows."""
         if self.ctx.keylog is None:
             self.ctx.keylog = KeyLog(name)
+        saved, self.ctx.conn_id = self.ctx.conn_id, None
         for a in self.ctx.keylog.add(text, name):
             self.ctx.anomaly(a)
+        self.ctx.conn_id = saved
 
     def _new_conn(self, seg: TcpSegment, key) -> _Conn:
         a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
@@ -596,6 +627,7 @@ class StreamAnalyzer:
                 last[2] == seg.src and last[3] == seg.dst and last[4] == seg.encap and last[5] == seg.capture:
             # same connection and direction as the previous segment (bulk transfers)
             c, d = last[6], last[7]
+            ctx.conn_id = c.conn_id
             if c.closed:
                 self._last = None
             else:
@@ -629,6 +661,7 @@ class StreamAnalyzer:
             c = None
         if c is None:
             c = self._new_conn(seg, key)
+        ctx.conn_id = c.conn_id
         d = 0 if a == c.client else 1
         self._last = (seg.sport, seg.dport, seg.src, seg.dst, seg.encap, seg.capture, c, d)
         if flags & SYN and not flags & ACK and d == 0:
@@ -662,12 +695,14 @@ class StreamAnalyzer:
             self._last = None
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
-        saved = self.ctx.index
-        self.ctx.index = c.last_index
+        ctx = self.ctx
+        saved = ctx.index, ctx.conn_id
+        ctx.index, ctx.conn_id = c.last_index, c.conn_id
         for e in c.reasm.close():
             self._dispatch(c, e)
         c.stack.close(c.last_ts)
-        self.ctx.index = saved
+        ctx.conn_done(c.conn_id)
+        ctx.index, ctx.conn_id = saved
 
     def _flush(self, now: int) -> None:
         for c in list(self.conns.values()):

@@ -39,7 +39,7 @@ MAX_BUFFER = 8 * 1024 * 1024
 #: Default cap on out-of-order ranges buffered per direction.
 MAX_RANGES = 4096
 #: Bytes of recently delivered data kept (as references) to detect conflicting retransmissions.
-KEEP_TAIL = 256 * 1024
+KEEP_TAIL = 32 * 1024
 #: An acknowledgment further than this beyond the next expected byte is taken as nonsense, not as a hole.
 MAX_ACK_JUMP = 1 << 30
 #: Segments (acknowledgments past a hole, or later data of the direction) to wait before a hole is declared lost.

@@ -1,0 +1,873 @@
+"""Correlation across captures: logical flows, their hops, clock offsets and latency per hop.
+
+One client connection to a service shows up in several captures in different forms: plain TCP on the pod, the
+same 4-tuple inside Geneve VNI 1001 and on `pistioout`, a CONNECT stream inside a pooled HBONE connection on the
+underlays, perhaps a waypoint that terminates and re-originates HBONE, and a new TCP connection from the
+destination ztunnel to the server pod. `correlate(a)` ties them together from an `Analysis`'s tables:
+
+1. TCP legs (`legs.py`): every capture's view of every TCP connection, whatever the encapsulation of each
+   packet, tied across captures into logical connections (same endpoints, same initial sequence number).
+2. Capture points: each pod/ztunnel/waypoint capture's own address (the address in most of its packets); a
+   capture without a node is placed on the node whose ztunnel shares its pod subnet, else the node whose local
+   captures share its connections.
+3. Clock offsets (`clock.py`): one clock per node; offsets from packets seen at two nodes, both ways.
+4. Logical HBONE streams: the streams table's rows tied by (carrying TCP connection, stream id). Stream events
+   seen in a decrypted capture are carried over to captures of the same TCP connection that could not decrypt
+   it, through the TCP sequence number of the packet that carried them.
+5. Matching, in order of certainty: the app connection to the stream whose `forwarded: for=` names its client
+   (exact); a waypoint's re-originated stream to the stream it serves (addresses, timing, tunnelled request and
+   byte counts); the destination ztunnel's connection to the server pod (its server is the stream's
+   destination, it starts after the CONNECT and carries the same request and bytes); then the remaining app
+   connections by the tunnelled request line, byte counts and timing (`inferred` where nothing was decrypted).
+   Each step assigns one to one, best score first.
+6. Hops and events (syn, syn_ack, connect, connect_response, first_request_byte, first_response_byte, fin,
+   fin_s2c) with the time at each end of the hop, raw and corrected; latency per hop and event.
+
+Pure: no I/O; the only inputs are the Analysis tables and `a.details`.
+Limits: double HBONE (nested tunnels) is shown through its outer stream only; keyless matching is limited to
+timing and sizes (`match_keyless` is the hook a later issue deepens); clock drift is not corrected.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from hbonecap import tables
+from hbonecap.analysis.clock import packet_deltas, pair_estimates, solve_offsets
+from hbonecap.analysis.legs import Legs, build_legs, leg_state
+
+HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
+LOCAL_ROLES = {"ztunnel", "istioout", "istioin", "pistioout", "pistioin", "loopback"}
+OWNER_ROLES = {"pod", "ztunnel", "waypoint", "loopback"}
+MS = 1e6
+TOL = 1_000_000            # 1 ms: timing tolerance for "after" constraints
+WINDOW = 30 * 10**9        # a downstream connection starts within 30 s of the upstream one
+
+# TCP leg events: (legs column, event name, direction 0 = client to server)
+TCP_EVENTS = (("syn", "syn", 0), ("syn_ack", "syn_ack", 1), ("data_c2s", "first_request_byte", 0),
+              ("data_s2c", "first_response_byte", 1), ("fin_c2s", "fin", 0), ("fin_s2c", "fin_s2c", 1))
+# HBONE stream events: (streams column, event name, direction; None: found from the carrying packet)
+STREAM_EVENTS = (("request_ts", "connect", 0), ("response_ts", "connect_response", 1),
+                 ("first_data_c2s_ts", "first_request_byte", 0), ("first_data_s2c_ts", "first_response_byte", 1),
+                 ("end_ts", "fin", None))
+
+
+def correlate(a) -> dict[str, pd.DataFrame]:
+    """Flows, hops, clock, latency and extra anomalies for an `Analysis` (keys of the returned dict)."""
+    return _Correlator(a).run()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Stream:
+    key: tuple[int, int]                     # (tunnel lconn, stream id)
+    stream_id: int
+    lconn: int
+    client: str                              # tunnel TCP client ip:port
+    server: str
+    rows: dict[str, dict] = field(default_factory=dict)        # capture -> streams row
+    times: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))   # event -> {capture: ns}
+    fin_dir: int | None = None
+    tunnel_ids: dict[str, str] = field(default_factory=dict)   # capture -> tunnel id
+    request: tuple | None = None             # (method, path) of the tunnelled HTTP/1 request
+    host: str | None = None
+
+    def info(self, col):
+        for r in self.rows.values():
+            v = r.get(col)
+            if v is not None and not (isinstance(v, float) and np.isnan(v)) and v is not pd.NA and v is not pd.NaT:
+                return v
+        return None
+
+
+@dataclass
+class _Flow:
+    app: int | None = None                   # lconn of the client's connection
+    streams: list = field(default_factory=list)
+    delivery: int | None = None              # lconn of the destination ztunnel's connection to the server
+    match: str = "exact"
+    confidence: float = 1.0
+    reasons: list = field(default_factory=list)
+
+
+class _Correlator:
+    def __init__(self, a) -> None:
+        self.a = a
+        self.anoms: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, pd.DataFrame]:
+        a = self.a
+        self.L: Legs = build_legs(a.packets)
+        self.caps = self.L.captures
+        self.cap_index = {c: i for i, c in enumerate(self.caps)}
+        ci = a.captures.set_index("capture") if len(a.captures) else pd.DataFrame(columns=["role", "node"])
+        self.role = {c: (str(ci.at[c, "role"]) if c in ci.index and pd.notna(ci.at[c, "role"]) else "unknown")
+                     for c in self.caps}
+        self.node = {c: (str(ci.at[c, "node"]) if c in ci.index and pd.notna(ci.at[c, "node"]) else None)
+                     for c in self.caps}
+        self.node_reason = {c: ("capture point" if self.node[c] else "") for c in self.caps}
+        self.owner = self._owner_ips()
+        self._place_nodes()
+        self._clock()
+        self.legs = self.L.legs.set_index("leg")
+        self.legs_by_lconn: dict[int, pd.DataFrame] = {k: g for k, g in self.L.legs.groupby("lconn")}
+        self.lc = self.L.lconns.set_index("lconn")
+        self._streams()
+        flows = self._match()
+        return self._tables(flows)
+
+    # --- capture points ----------------------------------------------------------------------------------------
+    def _owner_ips(self) -> dict[str, str]:
+        pk = self.a.packets
+        if pk.empty:
+            return {}
+        tun = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
+        parts = []
+        for outer, inner in (("outer_src", "src"), ("outer_dst", "dst")):
+            v = np.where(tun, pk[outer].astype(object).to_numpy(object), pk[inner].astype(object).to_numpy(object))
+            parts.append(pd.DataFrame({"capture": pk["capture"].astype(object).to_numpy(object), "ip": v}))
+        ips = pd.concat(parts, ignore_index=True).dropna()
+        counts = ips.groupby(["capture", "ip"]).size().rename("n").reset_index()
+        owners: dict[str, str] = {}
+        # a ztunnel (eras A/B) receives Istio's Geneve packets (VNI 1000/1001) from the node: its address is
+        # their outer destination (its replies leave as plain IP, which makes other counts misleading)
+        gen = pk["vni"].isin([1000, 1001]).fillna(False).to_numpy(bool) & tun
+        if gen.any():
+            od = pd.DataFrame({"capture": pk["capture"].astype(object).to_numpy(object)[gen],
+                               "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}).dropna()
+            for cap, g in od.groupby("capture"):
+                if self.role.get(cap) == "ztunnel":
+                    owners[cap] = g["ip"].value_counts().index[0]
+        # proxies first (their address is in nearly every packet), then pods: on a pod capture the peer is in
+        # as many packets as the pod itself, so near-ties go to the address that is not another point's and
+        # that shares the longest prefix with a proxy's (the node's pod subnet), not a Service address
+        for kinds in (("ztunnel", "waypoint"), ("pod", "loopback")):
+            anchors = [ipaddress.ip_address(v) for v in owners.values() if _is_ip(v)]
+            for cap, g in counts.groupby("capture"):
+                if self.role.get(cap) not in kinds or cap in owners:
+                    continue
+                top = g["n"].max()
+                near = g[g["n"] >= 0.9 * top]
+                cands = [ip for ip in near["ip"] if ip not in owners.values()] or list(near["ip"])
+
+                def closeness(ip: str) -> int:
+                    if not _is_ip(ip) or not anchors:
+                        return 0
+                    x = ipaddress.ip_address(ip)
+                    return max((x.max_prefixlen - (int(x) ^ int(y)).bit_length() for y in anchors
+                                if y.version == x.version), default=0)
+
+                cands.sort(key=lambda ip: (-closeness(ip), -int(g.loc[g["ip"] == ip, "n"].iloc[0])))
+                owners[cap] = cands[0]
+        return owners
+
+    def _place_nodes(self) -> None:
+        known = {c: n for c, n in self.node.items() if n}
+        anchors = [(c, n, self.owner[c]) for c, n in known.items() if c in self.owner]
+        for c in self.caps:
+            if self.node[c] or c not in self.owner:
+                continue
+            try:
+                ip = ipaddress.ip_address(self.owner[c])
+            except ValueError:
+                continue
+            best: dict[str, tuple[int, str]] = {}
+            for ac, an, aip in anchors:
+                try:
+                    other = ipaddress.ip_address(aip)
+                except ValueError:
+                    continue
+                if other.version != ip.version:
+                    continue
+                bits = ip.max_prefixlen - (int(ip) ^ int(other)).bit_length()
+                if bits > best.get(an, (-1, ""))[0]:
+                    best[an] = (bits, ac)
+            ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+            if ranked and ranked[0][1][0] >= 16 and (len(ranked) == 1 or ranked[0][1][0] > ranked[1][1][0]):
+                n, (bits, ac) = ranked[0]
+                self.node[c] = n
+                self.node_reason[c] = f"address {self.owner[c]} shares a /{bits} with {ac} ({self.owner[ac]})"
+        # traffic: connections shared with local captures of a known node and not seen crossing the underlay
+        L = self.L
+        lg = L.legs
+        for c in self.caps:
+            if self.node[c]:
+                continue
+            mine = set(lg.loc[lg["capture"] == c, "lconn"])
+            votes: dict[str, int] = defaultdict(int)
+            for lc_id, g in lg[lg["lconn"].isin(mine)].groupby("lconn"):
+                others = [x for x in g["capture"] if x != c]
+                if any(self.role.get(x) == "node" for x in others):
+                    continue
+                for x in others:
+                    if self.role.get(x) in LOCAL_ROLES and self.node.get(x):
+                        votes[self.node[x]] += 1
+            if votes:
+                ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+                if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
+                    self.node[c] = ranked[0][0]
+                    self.node_reason[c] = f"shares {ranked[0][1]} connection(s) with local captures of {ranked[0][0]}"
+
+    # --- clocks ------------------------------------------------------------------------------------------------
+    def _clock(self) -> None:
+        self.group = {c: (self.node[c] or c) for c in self.caps}
+        groups = sorted(set(self.group.values()))
+        nodes = sorted({n for n in self.node.values() if n})
+        if nodes:
+            self.reference = nodes[0]
+        elif groups:
+            counts = self.L.legs.groupby("capture").size()
+            self.reference = self.group[counts.idxmax()] if len(counts) else groups[0]
+        else:
+            self.reference = ""
+        gmap = {i: self.group[c] for i, c in enumerate(self.caps)}
+        deltas = packet_deltas(self.L, gmap) if self.caps else pd.DataFrame()
+        self.pairs = pair_estimates(deltas, self.caps) if len(deltas) else []
+        self.offsets = solve_offsets(groups, self.reference, self.pairs) if groups else {}
+        for p in self.pairs:
+            if p.inconsistent:
+                self._anom(p.captures[1], "clock_inconsistent",
+                           f"offset bracket between {p.a} and {p.b} is inverted or one-sided "
+                           f"(estimate {p.theta_ns / MS:.3f} ms +- {p.uncertainty_ns / MS:.3f} ms)")
+        self.off = {}
+        for c in self.caps:
+            o = self.offsets.get(self.group[c])
+            self.off[c] = int(round(o.offset_ns)) if o is not None and np.isfinite(o.offset_ns) else 0
+
+    def corr(self, cap: str, ts: int | None) -> int | None:
+        if ts is None or ts < 0:
+            return None
+        return int(ts) - self.off.get(cap, 0)
+
+    # --- streams -----------------------------------------------------------------------------------------------
+    def _lconn_of(self, capture: str, client: str, server: str, t: int | None) -> int | None:
+        lc = self.L.lconns
+        cand = lc[((lc["client"] == client) & (lc["server"] == server)) | ((lc["client"] == server) &
+                                                                         (lc["server"] == client))]["lconn"]
+        if cand.empty:
+            return None
+        legs = self.L.legs
+        sub = legs[(legs["capture"] == capture) & legs["lconn"].isin(cand)]
+        if sub.empty:
+            return None
+        if len(sub) > 1 and t is not None:
+            inside = sub[(sub["first_ts"] <= t) & (sub["last_ts"] >= t)]
+            if len(inside):
+                sub = inside
+        return int(sub["lconn"].iloc[0])
+
+    def _streams(self) -> None:
+        a = self.a
+        self.streams: dict[tuple[int, int], _Stream] = {}
+        self.tunnel_lconns: set[int] = set()
+        tun = a.tunnels
+        tkey = {}
+        for r in tun.itertuples(index=False):
+            if pd.notna(r.depth) and int(r.depth) > 0:
+                continue
+            t = int(pd.Timestamp(r.start).value) if pd.notna(r.start) else None
+            lc = self._lconn_of(r.capture, r.client, r.server, t)
+            if lc is not None:
+                tkey[(r.capture, r.tunnel_id)] = (lc, r.client, r.server)
+                self.tunnel_lconns.add(lc)
+        reqs = a.requests
+        inner = {}
+        for r in reqs.itertuples(index=False):
+            if pd.notna(r.tunnel_id) and pd.notna(r.stream_id):
+                inner.setdefault((r.capture, r.tunnel_id, int(r.stream_id)), (r.method, r.path, r.host))
+        for row in a.streams.to_dict("records"):
+            k = tkey.get((row["capture"], row["tunnel_id"]))
+            if k is None or pd.isna(row["stream_id"]):
+                continue
+            lc, client, server = k
+            sid = int(row["stream_id"])
+            key = (lc, sid)
+            s = self.streams.get(key)
+            if s is None:
+                s = self.streams[key] = _Stream(key, sid, lc, client, server)
+            cap = row["capture"]
+            s.rows[cap] = row
+            s.tunnel_ids[cap] = row["tunnel_id"]
+            reliable_end = str(row.get("end_reason") or "").startswith(("end_stream", "rst_stream"))
+            for col, ev, _ in STREAM_EVENTS:
+                v = row.get(col)
+                if col == "end_ts" and not reliable_end:
+                    continue
+                if v is not None and pd.notna(v):
+                    s.times[ev][cap] = int(pd.Timestamp(v).value)
+            q = inner.get((cap, row["tunnel_id"], sid))
+            if q is not None and s.request is None:
+                s.request, s.host = (q[0], q[1]), q[2]
+        for lc in self.tunnel_lconns:
+            pass
+        self._translate_stream_times()
+        # tunnel lconns also include HBONE connections without a decrypted stream (port heuristic)
+        hb = self.L.lconns[self.L.lconns["server_port"] == 15008]["lconn"]
+        self.tunnel_lconns |= set(int(x) for x in hb)
+
+    def _translate_stream_times(self) -> None:
+        """Carry stream events to captures of the same TCP connection that did not decrypt it, via the TCP
+        packet that carried each event (same direction, seq, ack, TCP timestamp)."""
+        if not self.streams:
+            return
+        rows = []
+        evs = []
+        for si, s in enumerate(self.streams.values()):
+            for ei, (col, ev, d) in enumerate(STREAM_EVENTS):
+                for cap, ts in s.times[ev].items():
+                    rows.append((si, ei, self.cap_index[cap], s.lconn, ts))
+            evs.append(s)
+        if not rows:
+            return
+        e = pd.DataFrame(rows, columns=["si", "ei", "cap", "lconn", "ts"])
+        tcp = self.L.tcp
+        tcp = tcp[tcp["lconn"].isin(e["lconn"].unique())].copy()
+        tcp["fl"] = tcp["flags"] & 0x07
+        key = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
+        first = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap", "lconn", "ts"], keep="first")
+        m = e.merge(first[["cap", "lconn", "ts"] + key[1:]], on=["cap", "lconn", "ts"], how="inner")
+        firstocc = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap"] + key, keep="first")
+        m2 = m.drop(columns=["cap", "ts"]).merge(firstocc[["cap", "ts"] + key], on=key, how="inner")
+        for r in m.drop_duplicates(["si", "ei"]).itertuples(index=False):
+            s = evs[r.si]
+            if STREAM_EVENTS[r.ei][1] == "fin":
+                s.fin_dir = int(r.dir)
+        for r in m2.itertuples(index=False):
+            s = evs[r.si]
+            ev = STREAM_EVENTS[r.ei][1]
+            cap = self.caps[r.cap]
+            if cap not in s.times[ev]:
+                s.times[ev][cap] = int(r.ts)
+
+    # --- times -------------------------------------------------------------------------------------------------
+    def leg_time(self, lconn: int, col: str, earliest: bool = True) -> int | None:
+        """Earliest corrected time of a TCP event over the captures of a connection."""
+        g = self.legs_by_lconn.get(lconn)
+        if g is None:
+            return None
+        vals = [self.corr(c, t) for c, t in zip(g["capture"], g[col]) if t >= 0]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
+        return min(vals) if earliest else max(vals)
+
+    def stream_time(self, s: _Stream, ev: str) -> int | None:
+        vals = [self.corr(c, t) for c, t in s.times.get(ev, {}).items()]
+        vals = [v for v in vals if v is not None]
+        return min(vals) if vals else None
+
+    def leg_bytes(self, lconn: int) -> tuple[int, int]:
+        g = self.legs_by_lconn.get(lconn)
+        if g is None or g.empty:
+            return (0, 0)
+        return int(g["bytes_c2s"].max()), int(g["bytes_s2c"].max())
+
+    def leg_request(self, lconn: int):
+        """(method, path), host of the first plain HTTP/1 request on a connection, any capture."""
+        req = self.a.requests
+        if not hasattr(self, "_plain_req"):
+            self._plain_req = {}
+            lc = self.L.lconns
+            key = {(c, s): int(l) for l, c, s in zip(lc["lconn"], lc["client"], lc["server"])}
+            conns = self.a.connections.set_index("conn_id")[["client", "server"]] if len(self.a.connections) else None
+            for r in req.itertuples(index=False):
+                if pd.notna(r.tunnel_id) or pd.isna(r.conn_id) or conns is None or int(r.conn_id) not in conns.index:
+                    continue
+                c, s = conns.loc[int(r.conn_id)]
+                l = key.get((c, s), key.get((s, c)))
+                if l is not None and l not in self._plain_req:
+                    self._plain_req[l] = ((r.method, r.path), r.host)
+        return self._plain_req.get(lconn, (None, None))
+
+    # --- matching ----------------------------------------------------------------------------------------------
+    def _match(self) -> list[_Flow]:
+        lcs = self.L.lconns
+        plain = [int(l) for l in lcs["lconn"] if int(l) not in self.tunnel_lconns]
+        streams = list(self.streams.values())
+        used_plain: set[int] = set()
+        app_of: dict[tuple, tuple[int, str, float]] = {}
+        # 1. exact: forwarded for= names the app's client
+        by_client = defaultdict(list)
+        for l in plain:
+            by_client[self.lc.at[l, "client"]].append(l)
+        for s in streams:
+            ff = s.info("forwarded_for")
+            if not ff:
+                continue
+            cands = [l for l in by_client.get(ff, []) if l not in used_plain]
+            t = self.stream_time(s, "connect")
+            if len(cands) > 1 and t is not None:
+                cands.sort(key=lambda l: abs((self.leg_time(l, "first_c2s") or t) - t))
+            if cands:
+                app_of[s.key] = (cands[0], "forwarded", 1.0)
+                used_plain.add(cands[0])
+        # 2. waypoint: a stream re-originated by the server of another stream
+        next_stream: dict[tuple, _Stream] = {}
+        prev_stream: dict[tuple, _Stream] = {}
+        pairs = []
+        for s1 in streams:
+            sip = s1.server.rsplit(":", 1)[0]
+            t1 = self.stream_time(s1, "connect")
+            r1 = self.stream_time(s1, "connect_response")
+            for s2 in streams:
+                if s2 is s1 or s2.client.rsplit(":", 1)[0] != sip or s2.lconn == s1.lconn:
+                    continue
+                t2 = self.stream_time(s2, "connect")
+                if t1 is None or t2 is None or t2 < t1 - TOL or t2 > t1 + WINDOW:
+                    continue
+                if r1 is not None and t2 > r1 + TOL and (s1.info("status") or 0) >= 200:
+                    # the waypoint answers after its upstream connect: the new stream precedes the response
+                    pass
+                score = self._content_score(s1.request, s1.host, self._sbytes(s1), s2.request, s2.host,
+                                            self._sbytes(s2))
+                pairs.append((score, abs(t2 - t1), s1.key, s2.key))
+        for score, dt, k1, k2 in sorted(pairs, key=lambda x: (-x[0], x[1])):
+            if k1 in next_stream or k2 in prev_stream:
+                continue
+            next_stream[k1] = self.streams[k2]
+            prev_stream[k2] = self.streams[k1]
+        # 3. delivery: the last stream's destination ztunnel connects to the server
+        deliv: dict[tuple, tuple[int, float]] = {}
+        cand = []
+        by_server = defaultdict(list)
+        for l in plain:
+            if l not in used_plain:
+                by_server[self.lc.at[l, "server"]].append(l)
+        for s in streams:
+            if s.key in next_stream:
+                continue
+            dsts = {x for x in (s.info("original_dst"), s.info("authority")) if x}
+            t = self.stream_time(s, "connect")
+            if t is None:
+                continue
+            resp = self.stream_time(s, "connect_response")
+            for d in dsts:
+                for l in by_server.get(d, []):
+                    syn = self.leg_time(l, "first_c2s")
+                    if syn is None or syn < t - TOL or syn > t + WINDOW:
+                        continue
+                    if resp is not None and syn > resp + TOL:
+                        continue
+                    req, host = self.leg_request(l)
+                    score = self._content_score(s.request, s.host, self._sbytes(s), req, host, self.leg_bytes(l))
+                    cand.append((score, syn - t, s.key, l))
+        taken: set[int] = set()
+        for score, dt, k, l in sorted(cand, key=lambda x: (-x[0], x[1])):
+            if k in deliv or l in taken:
+                continue
+            deliv[k] = (l, score)
+            taken.add(l)
+        used_plain |= taken
+        # 4. inferred app connections for chain heads without one
+        heads = [s for s in streams if s.key not in prev_stream]
+        cand = []
+        for s in heads:
+            if s.key in app_of:
+                continue
+            t = self.stream_time(s, "connect")
+            if t is None:
+                continue
+            chain = self._chain(s, next_stream)
+            dsts = {x for st in chain for x in (st.info("authority"), st.info("original_dst")) if x}
+            for l in plain:
+                if l in used_plain or self.lc.at[l, "server_port"] == 15008:
+                    continue
+                syn = self.leg_time(l, "first_c2s")
+                if syn is None or syn > t + TOL or t - syn > WINDOW:
+                    continue
+                req, host = self.leg_request(l)
+                score = self._content_score(req, host, self.leg_bytes(l), s.request, s.host, self._sbytes(s))
+                if self.lc.at[l, "server"] in dsts or (s.host and s.host == self.lc.at[l, "server"]):
+                    score += 1
+                cand.append((score, t - syn, s.key, l))
+        for score, dt, k, l in sorted(cand, key=lambda x: (-x[0], x[1])):
+            if k in app_of or l in used_plain:
+                continue
+            app_of[k] = (l, "content" if score >= 3 else "timing", min(0.95, 0.5 + 0.1 * score))
+            used_plain.add(l)
+        # assemble flows
+        flows: list[_Flow] = []
+        for s in heads:
+            f = _Flow()
+            chain = self._chain(s, next_stream)
+            f.streams = chain
+            if s.key in app_of:
+                l, how, conf = app_of[s.key]
+                f.app = l
+                f.reasons.append(how)
+                f.confidence = min(f.confidence, conf)
+            last = chain[-1]
+            if last.key in deliv:
+                f.delivery, sc = deliv[last.key]
+                f.confidence = min(f.confidence, 1.0 if sc >= 4 else 0.6 + 0.1 * sc)
+            if len(chain) > 1:
+                f.confidence = min(f.confidence, 0.95)
+            decrypted = all(st.rows for st in chain)
+            exact = decrypted and (f.app is None or app_of[s.key][1] in ("forwarded", "content"))
+            f.match = "exact" if exact else "inferred"
+            if not exact:
+                f.confidence = min(f.confidence, 0.7)
+            flows.append(f)
+        for l in plain:
+            if l in used_plain:
+                continue
+            flows.append(_Flow(app=l, match="unmatched", confidence=0.0))
+        # a flow with no app connection starts at its stream; keep flows in time order
+        flows.sort(key=lambda f: self._flow_start(f) or 0)
+        return flows
+
+    @staticmethod
+    def _chain(s: _Stream, next_stream) -> list[_Stream]:
+        chain = [s]
+        seen = {s.key}
+        while chain[-1].key in next_stream and next_stream[chain[-1].key].key not in seen:
+            chain.append(next_stream[chain[-1].key])
+            seen.add(chain[-1].key)
+        return chain
+
+    def _sbytes(self, s: _Stream) -> tuple[int, int]:
+        c2s = max((int(r["bytes_c2s"]) for r in s.rows.values() if pd.notna(r.get("bytes_c2s"))), default=-1)
+        s2c = max((int(r["bytes_s2c"]) for r in s.rows.values() if pd.notna(r.get("bytes_s2c"))), default=-1)
+        return c2s, s2c
+
+    @staticmethod
+    def _content_score(req1, host1, bytes1, req2, host2, bytes2) -> int:
+        score = 0
+        if req1 is not None and req2 is not None:
+            score += 2 if tuple(req1) == tuple(req2) else -2
+        if host1 and host2:
+            score += 1 if host1 == host2 else 0
+        if bytes1[0] > 0 and bytes2[0] > 0:
+            score += 1 if bytes1[0] == bytes2[0] else 0
+        if bytes1[1] > 0 and bytes2[1] > 0:
+            score += 1 if bytes1[1] == bytes2[1] else 0
+        return score
+
+    def _flow_start(self, f: _Flow) -> int | None:
+        if f.app is not None:
+            return self.leg_time(f.app, "first_ts")
+        if f.streams:
+            return self.stream_time(f.streams[0], "connect")
+        if f.delivery is not None:
+            return self.leg_time(f.delivery, "first_ts")
+        return None
+
+    # --- naming ------------------------------------------------------------------------------------------------
+    def _label_of_capture(self, cap: str) -> str:
+        stem = re.sub(r"\.(pcapng|pcap|cap)(\d*)(\.gz)?$", "", cap.lower().rsplit("/", 1)[-1])
+        m = HOST_RE.search(stem)
+        return m.group(1) if m else stem
+
+    def _owner_capture(self, ip: str, roles=OWNER_ROLES) -> str | None:
+        for c, o in self.owner.items():
+            if o == ip and self.role.get(c) in roles:
+                return c
+        return None
+
+    def _ztunnel_of_node(self, node: str | None, lconn: int | None = None) -> str | None:
+        if not node:
+            return None
+        for c in self.caps:
+            if self.role.get(c) == "ztunnel" and self.node.get(c) == node:
+                if lconn is None or c in self._caps_of(lconn):
+                    return c
+        return None
+
+    def _caps_of(self, lconn: int) -> list[str]:
+        g = self.legs_by_lconn.get(lconn)
+        return [] if g is None else list(g["capture"])
+
+    def _ztunnel_label(self, node: str | None) -> str:
+        z = self._ztunnel_of_node(node)
+        if z:
+            return self._label_of_capture(z)
+        return f"ztunnel@{node}" if node else "ztunnel"
+
+    def _endpoint_label(self, ipport: str, hbone: bool = False) -> tuple[str, str | None]:
+        """Label of the process behind an address, and its node."""
+        ip = ipport.rsplit(":", 1)[0].strip("[]")
+        c = self._owner_capture(ip)
+        if c is None:
+            return ipport, None
+        role = self.role[c]
+        if hbone and role == "pod":       # HBONE to a pod address ends in that node's ztunnel
+            return self._ztunnel_label(self.node.get(c)), self.node.get(c)
+        return self._label_of_capture(c), self.node.get(c)
+
+    # --- ends of a hop -----------------------------------------------------------------------------------------
+    def _end_lists(self, lconn: int, client_pref: list, server_pref: list) -> tuple[list[str], list[str]]:
+        g = self.legs_by_lconn.get(lconn)
+        if g is None:
+            return [], []
+        caps = list(g["capture"])
+        first = {c: self.corr(c, t) for c, t in zip(g["capture"], g["first_c2s"]) if t >= 0}
+        order = sorted(first, key=lambda c: first[c])
+        rest = [c for c in caps if c not in first]
+        cl = [c for c in client_pref if c in caps] + order + rest
+        sv = [c for c in server_pref if c in caps] + order[::-1] + rest
+        return list(dict.fromkeys(cl)), list(dict.fromkeys(sv))
+
+    # --- tables ------------------------------------------------------------------------------------------------
+    def _tables(self, flows: list[_Flow]) -> dict[str, pd.DataFrame]:
+        frows, hrows = [], []
+        for i, f in enumerate(flows):
+            fid = i + 1
+            hops = self._hops(f)
+            frows.append(self._flow_row(fid, f, hops))
+            for h in hops:
+                start = frows[-1]["start"]
+                for ev in h["events"]:
+                    hrows.append({"flow_id": fid, **{k: h[k] for k in ("hop", "hop_index", "kind", "connection",
+                                                                        "tunnel_ids", "stream_id")}, **ev,
+                                  "since_start_ms": (ev["src_ts"] - start) / MS if ev.get("src_ts") is not None
+                                  and start is not None else np.nan})
+        flows_df = _frame("flows", frows)
+        hops_df = _frame("hops", hrows)
+        clock_df = self._clock_table()
+        latency_df = _latency(hops_df)
+        return {"flows": flows_df, "hops": hops_df, "clock": clock_df, "latency": latency_df,
+                "anomalies": tables.frame("anomalies", {k: [r[k] for r in self.anoms] for k in
+                                                        ("capture", "index", "layer", "kind", "detail")})
+                if self.anoms else tables.empty("anomalies")}
+
+    def _hops(self, f: _Flow) -> list[dict]:
+        hops = []
+        client_node = None
+        src_z_label = None
+        if f.app is not None:
+            cl = self.lc.at[f.app, "client"]
+            cl_label, client_node = self._endpoint_label(cl)
+            if f.streams:
+                tcl = f.streams[0].client.rsplit(":", 1)[0]
+                zc = self._owner_capture(tcl)
+                if zc is not None:
+                    src_z_label = self._label_of_capture(zc)
+                    client_node = client_node or self.node.get(zc)
+                else:
+                    src_z_label = self._ztunnel_label(client_node)
+                server_label = src_z_label
+                zpref = [zc] if zc else []
+                zn = self._ztunnel_of_node(client_node, f.app)
+                zpref += [zn] if zn else []
+            else:
+                server_label = self.lc.at[f.app, "server"]
+                zpref = []
+            ccap = self._owner_capture(self.lc.at[f.app, "client_ip"])
+            cl_list, sv_list = self._end_lists(f.app, [ccap] if ccap else [], zpref)
+            hops.append(self._tcp_hop(f.app, f"{cl_label} -> {server_label}", 0, cl_list, sv_list))
+        prev_label = src_z_label
+        for j, s in enumerate(f.streams):
+            cip = s.client.rsplit(":", 1)[0]
+            if j == 0 and prev_label is None:
+                prev_label = self._endpoint_label(s.client)[0]
+            elif j > 0:
+                prev_label = hops[-1]["server_label"]
+            slabel, snode = self._endpoint_label(s.server, hbone=True)
+            ccap = self._owner_capture(cip)
+            sip = s.server.rsplit(":", 1)[0]
+            scap = self._owner_capture(sip)
+            spref = []
+            if scap is not None and self.role[scap] != "pod":
+                spref.append(scap)
+            z = self._ztunnel_of_node(snode, s.lconn)
+            if z:
+                spref.append(z)
+            if f.delivery is not None and j == len(f.streams) - 1:
+                dn = self._endpoint_label(self.lc.at[f.delivery, "server"])[1]
+                z = self._ztunnel_of_node(dn, s.lconn)
+                if z:
+                    spref.append(z)
+            cl_list, sv_list = self._end_lists(s.lconn, [ccap] if ccap else [], spref)
+            hops.append(self._stream_hop(s, f"{prev_label} -> {slabel}", len(hops), cl_list, sv_list, slabel))
+        if f.delivery is not None:
+            d = f.delivery
+            sv = self.lc.at[d, "server"]
+            slabel, snode = self._endpoint_label(sv)
+            clabel = hops[-1]["server_label"] if hops else self._endpoint_label(self.lc.at[d, "client"])[0]
+            cpref = []
+            if hops and hops[-1].get("server_capture"):
+                cpref.append(hops[-1]["server_capture"])
+            z = self._ztunnel_of_node(snode, d)
+            if z:
+                cpref.append(z)
+            scap = self._owner_capture(sv.rsplit(":", 1)[0])
+            cl_list, sv_list = self._end_lists(d, cpref, [scap] if scap else [])
+            hops.append(self._tcp_hop(d, f"{clabel} -> {slabel}", len(hops), cl_list, sv_list))
+        return hops
+
+    def _pick(self, times: dict[str, int], src_list, dst_list):
+        src = next((c for c in src_list if c in times), None)
+        dst = next((c for c in dst_list if c in times and c != src), None)
+        return src, dst
+
+    def _event_row(self, ev: str, direction: int, times: dict[str, int], cl_list, sv_list) -> dict | None:
+        if not times:
+            return None
+        src_list, dst_list = (cl_list, sv_list) if direction == 0 else (sv_list, cl_list)
+        src, dst = self._pick(times, src_list, dst_list)
+        if src is None:
+            return None
+        row = {"event": ev, "direction": "c2s" if direction == 0 else "s2c", "src_capture": src,
+               "src_ts_raw": times[src], "src_ts": self.corr(src, times[src]), "dst_capture": dst,
+               "dst_ts_raw": times[dst] if dst else None, "dst_ts": self.corr(dst, times[dst]) if dst else None,
+               "captures": len(times)}
+        row["latency_ms"] = (row["dst_ts"] - row["src_ts"]) / MS if dst else np.nan
+        return row
+
+    def _tcp_hop(self, lconn: int, name: str, idx: int, cl_list, sv_list) -> dict:
+        g = self.legs_by_lconn[lconn]
+        events = []
+        for col, ev, d in TCP_EVENTS:
+            times = {c: int(t) for c, t in zip(g["capture"], g[col]) if t >= 0}
+            row = self._event_row(ev, d, times, cl_list, sv_list)
+            if row:
+                events.append(row)
+        lc = self.lc.loc[lconn]
+        return {"hop": name, "hop_index": idx, "kind": "tcp", "connection": f"{lc['client']} > {lc['server']}",
+                "tunnel_ids": None, "stream_id": None, "events": events, "lconn": lconn,
+                "server_label": name.split(" -> ")[-1], "server_capture": sv_list[0] if sv_list else None,
+                "client_capture": cl_list[0] if cl_list else None}
+
+    def _stream_hop(self, s: _Stream, name: str, idx: int, cl_list, sv_list, slabel) -> dict:
+        events = []
+        for col, ev, d in STREAM_EVENTS:
+            direction = d if d is not None else (s.fin_dir if s.fin_dir is not None else 0)
+            evname = ev if not (ev == "fin" and direction == 1) else "fin_s2c"
+            row = self._event_row(evname, direction, dict(s.times.get(ev, {})), cl_list, sv_list)
+            if row:
+                events.append(row)
+        tids = ";".join(f"{c}:{t}" for c, t in sorted(s.tunnel_ids.items()))
+        return {"hop": name, "hop_index": idx, "kind": "hbone", "connection": f"{s.client} > {s.server}",
+                "tunnel_ids": tids, "stream_id": s.stream_id, "events": events, "lconn": s.lconn,
+                "server_label": slabel, "server_capture": sv_list[0] if sv_list else None,
+                "client_capture": cl_list[0] if cl_list else None, "stream": s}
+
+    def _flow_row(self, fid: int, f: _Flow, hops: list[dict]) -> dict:
+        first_s = f.streams[0] if f.streams else None
+        last_s = f.streams[-1] if f.streams else None
+        client = self.lc.at[f.app, "client"] if f.app is not None else (first_s.info("forwarded_for") if first_s
+                                                                          else None)
+        original_dst = self.lc.at[f.app, "server"] if f.app is not None else \
+            (first_s.info("original_dst") if first_s else None)
+        dst_pod = None
+        if f.delivery is not None:
+            dst_pod = self.lc.at[f.delivery, "server"]
+        elif last_s is not None:
+            dst_pod = last_s.info("original_dst") or last_s.info("authority")
+        times = [e[k] for h in hops for e in h["events"] for k in ("src_ts", "dst_ts") if e.get(k) is not None]
+        start = min(times) if times else self._flow_start(f)
+        end = max(times) if times else None
+        if f.app is not None:
+            b_c2s, b_s2c = self.leg_bytes(f.app)
+        elif first_s is not None:
+            b_c2s, b_s2c = self._sbytes(first_s)
+        else:
+            b_c2s = b_s2c = None
+        outcome = self._outcome(f)
+        last_seen = None
+        for h in hops:
+            if h["events"]:
+                last_seen = h["hop"]
+        status = first_s.info("status") if first_s else None
+        hb = [h for h in hops if h["kind"] == "hbone"]
+        return {
+            "flow_id": fid, "client": client, "original_dst": original_dst, "dst_pod": dst_pod,
+            "hops": len(hops), "path": " | ".join(h["hop"] for h in hops),
+            "hbone_client": first_s.client if first_s else None, "hbone_server": first_s.server if first_s else None,
+            "stream_id": first_s.stream_id if first_s else None,
+            "tunnel_ids": " | ".join(h["tunnel_ids"] or "" for h in hb) or None,
+            "stream_ids": ";".join(str(h["stream_id"]) for h in hb) or None,
+            "status": int(status) if status is not None and pd.notna(status) else None,
+            "trace_id": first_s.info("trace_id") if first_s else None,
+            "start": start, "end": end, "bytes_c2s": b_c2s, "bytes_s2c": b_s2c,
+            "outcome": outcome, "last_seen": last_seen, "match": f.match, "confidence": round(f.confidence, 3),
+            "match_reason": ", ".join(f.reasons) or None,
+        }
+
+    def _outcome(self, f: _Flow) -> str:
+        if f.app is not None:
+            g = self.legs_by_lconn[f.app]
+            client_end = g.sort_values("first_ts").iloc[0]
+            cap = self._owner_capture(self.lc.at[f.app, "client_ip"])
+            if cap is not None and (g["capture"] == cap).any():
+                client_end = g[g["capture"] == cap].iloc[0]
+            else:   # the capture that saw both directions best
+                client_end = g.assign(n=g["packets_c2s"].clip(upper=1) + g["packets_s2c"].clip(upper=1)) \
+                    .sort_values(["n", "packets_s2c"], ascending=False).iloc[0]
+            st = leg_state(client_end)
+            if st in ("ok", "reset", "refused", "timeout"):
+                return st
+            return "incomplete"
+        return "incomplete"
+
+    def _clock_table(self) -> pd.DataFrame:
+        ci = self.a.captures
+        rows = []
+        names = list(ci["capture"]) if len(ci) else list(self.caps)
+        for c in names:
+            grp = self.group.get(c, c)
+            o = self.offsets.get(grp)
+            row = ci[ci["capture"] == c].iloc[0] if len(ci) else None
+            first = int(pd.Timestamp(row["first_ts"]).value) if row is not None and pd.notna(row["first_ts"]) else None
+            last = int(pd.Timestamp(row["last_ts"]).value) if row is not None and pd.notna(row["last_ts"]) else None
+            off = self.off.get(c, 0)
+            rows.append({
+                "capture": c, "node": self.node.get(c), "node_reason": self.node_reason.get(c) or None,
+                "clock_group": grp, "reference": grp == self.reference,
+                "offset_ms": o.offset_ns / MS if o is not None else np.nan,
+                "uncertainty_ms": o.uncertainty_ns / MS if o is not None else np.nan,
+                "via": o.via if o is not None else "no TCP packets",
+                "method": o.method if o is not None else None,
+                "connections": o.connections if o is not None else 0,
+                "packets": o.packets if o is not None else 0,
+                "first_ts_raw": first, "last_ts_raw": last,
+                "first_ts": first - off if first is not None else None,
+                "last_ts": last - off if last is not None else None,
+            })
+        return _frame("clock", rows)
+
+    def _anom(self, capture, kind, detail) -> None:
+        self.anoms.append({"capture": capture, "index": None, "layer": "correlation", "kind": kind, "detail": detail})
+
+
+def _is_ip(v) -> bool:
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
+    if not rows:
+        return tables.empty(name)
+    cols = tables.columns(name)
+    data = {}
+    for c in cols:
+        vals = [r.get(c) for r in rows]
+        if tables.dtypes(name)[c] == tables.TS:
+            vals = np.array([v if v is not None else np.iinfo(np.int64).min for v in vals], dtype=np.int64)
+            vals[vals == np.iinfo(np.int64).min] = -1
+        else:
+            vals = [pd.NA if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in vals]
+        data[c] = vals
+    return tables.frame(name, data)
+
+
+def _latency(hops: pd.DataFrame) -> pd.DataFrame:
+    h = hops.dropna(subset=["latency_ms"])
+    if h.empty:
+        return tables.empty("latency")
+    g = h.groupby(["hop", "event"], sort=False)["latency_ms"]
+    q = g.quantile([0.5, 0.9, 0.99]).unstack()
+    out = pd.DataFrame({"count": g.size(), "p50_ms": q[0.5], "p90_ms": q[0.9], "p99_ms": q[0.99], "max_ms": g.max(),
+                        "mean_ms": g.mean(), "min_ms": g.min()}).reset_index()
+    order = h.groupby(["hop", "event"], sort=False)["hop_index"].min().rename("hop_index").reset_index()
+    out = out.merge(order, on=["hop", "event"]).sort_values(["hop_index"], kind="stable")
+    return tables.frame("latency", {c: out[c].to_numpy() for c in tables.columns("latency")})

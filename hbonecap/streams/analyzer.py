@@ -414,6 +414,7 @@ class _Stack:
             "method": req.method if req else None, "host": req.header("host") if req else None,
             "path": req.target if req else None, "status": rsp.status if rsp else None,
             "request_ts": req.ts_first if req else None, "response_ts": rsp.ts_first if rsp else None,
+            "client": _addr(*self.conn.client), "server": _addr(*self.conn.server),
         })
 
     def _http1_events(self, events: list) -> None:

@@ -45,6 +45,8 @@ def _analyse(scenario: str, point: str):
 def test_lab_tunnels_and_streams_match_truth(scenario, point):
     if not POINTS:
         pytest.skip(f"no lab samples with decryptable HBONE under {SAMPLES}")
+    if not (SAMPLES / scenario / "truth.json").is_file():
+        pytest.skip(f"lab sample {scenario} disappeared since collection (being regenerated?)")
     truth, r = _analyse(scenario, point)
     tunnels = {(t["client"], t["server"]): t for t in r.tunnels if t["depth"] == 0}
     seen = 0

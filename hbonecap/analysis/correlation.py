@@ -42,6 +42,7 @@ from hbonecap.analysis.clock import packet_deltas, pair_estimates, solve_offsets
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
+IFACE_RE = re.compile(r"(eth|ens|enp|eno|veth|br|bond|wlan)\w*|any|lo|p?istio(in|out)|cni\w*|geneve\w*|vxlan\w*")
 LOCAL_ROLES = {"ztunnel", "istioout", "istioin", "pistioout", "pistioin", "loopback"}
 OWNER_ROLES = {"pod", "ztunnel", "waypoint", "loopback"}
 MS = 1e6
@@ -560,9 +561,12 @@ class _Correlator:
 
     # --- naming ------------------------------------------------------------------------------------------------
     def _label_of_capture(self, cap: str) -> str:
+        """'pod-a-eth0.pcap' -> 'pod-a', 'waypoint-eth0.pcap' -> 'waypoint', 'ztunnel-b-any.pcapng' -> 'ztunnel-b'."""
         stem = re.sub(r"\.(pcapng|pcap|cap)(\d*)(\.gz)?$", "", cap.lower().rsplit("/", 1)[-1])
-        m = HOST_RE.search(stem)
-        return m.group(1) if m else stem
+        tokens = re.split(r"[-_.]", stem)
+        while len(tokens) > 1 and IFACE_RE.fullmatch(tokens[-1]):
+            tokens.pop()
+        return "-".join(tokens)
 
     def _owner_capture(self, ip: str, roles=OWNER_ROLES) -> str | None:
         for c, o in self.owner.items():

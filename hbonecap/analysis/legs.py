@@ -178,7 +178,12 @@ def build_legs(packets: pd.DataFrame) -> Legs:
                          "lconn": lconn_of_leg, "first_ts": l_first_ts, "last_ts": l_last_ts})
     for name, mask in ev.items():
         legs[name] = first_by_leg(mask, ts)
-    g = pd.DataFrame({"leg": leg, "dir": direction, "plen": plen}).groupby(["leg", "dir"])
+    # a capture on several interfaces ("any") sees one packet several times, and retransmissions repeat
+    # segments: count each segment once
+    seg = pd.DataFrame({"leg": leg, "dir": direction, "plen": plen, "seq": seq, "ack": ack, "flags": flags & 0x07,
+                        "tsval": tsval})
+    seg = seg[~seg.duplicated(["leg", "dir", "seq", "plen", "flags"])]
+    g = seg.groupby(["leg", "dir"])
     cnt = g.size().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
     byt = g["plen"].sum().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
     legs["packets_c2s"], legs["packets_s2c"] = cnt[0].to_numpy(), cnt[1].to_numpy()

@@ -53,16 +53,26 @@ def guess_point(name: str, interfaces: list[str], vnis: set[int], addresses: set
     for key, role in DEVICE_ROLES:
         if key in tokens or stem.endswith(key):
             return Point(role, _node_of(node), f"file name contains '{key}'")
-    for iface in interfaces:
-        il = iface.lower()
+    # A capture on one Geneve device takes its role; a capture on several interfaces ("any", SLL2 with one
+    # pcapng interface per index) is the host's, so the file name's host kind comes first.
+    named = [i for i in interfaces if i]
+    if len(set(i.lower() for i in named)) == 1:
+        il = named[0].lower()
         for key, role in DEVICE_ROLES:
             if il == key:
-                return Point(role, _node_of(node), f"pcapng interface '{iface}'")
+                return Point(role, _node_of(node), f"pcapng interface '{named[0]}'")
     if tokens and tokens[-1] in ("lo", "loopback") or any(i.lower() == "lo" for i in interfaces):
         return Point("loopback", _node_of(node), "loopback interface")
     for key, role in HOST_ROLES:
         if key in tokens:
-            return Point(role, _node_of(node), f"file name contains '{key}'")
+            why = f"file name contains '{key}'"
+            if len(set(i.lower() for i in named)) > 1:
+                why += f" (capture on {len(set(named))} interfaces: {', '.join(sorted(set(named)))})"
+            return Point(role, _node_of(node), why)
+    for iface in named:
+        for key, role in DEVICE_ROLES:
+            if iface.lower() == key:
+                return Point(role, _node_of(node), f"pcapng interface '{iface}' (one of {len(set(named))})")
     if vnis & {1000, 1001}:
         return Point("node", None, f"Geneve VNI {sorted(vnis & {1000, 1001})} seen")
     if 15008 in ports:

@@ -1,6 +1,6 @@
 """Synthetic capture for the decode benchmark: about 1M packets of what an ambient node sees.
 
-Mix (by packet): 40% plain pod TCP, 40% the same kind of TCP inside Geneve (VNI 1001/1000, as on istioout /
+Mix (by packet): 40% plain pod TCP, 40% another pod's TCP inside Geneve (VNI 1001/1000, as on istioout /
 a ztunnel's eth0), 20% TCP to port 15008 with TLS-record-shaped payloads (HBONE). Payload sizes vary from 0 to
 1400 bytes; about 550 bytes per packet on average. Records are written directly (no per-packet library call).
 Usage: python benchmarks/generate.py OUT.pcap [--packets N]
@@ -37,7 +37,7 @@ def geneve(vni: int, inner: bytes) -> bytes:
     return struct.pack("!BBHI", 0, 0, 0x6558, vni << 8) + inner
 
 
-POD_A, POD_B, SVC = 0x0AF40105, 0x0AF40207, 0x0A600307
+POD_A, POD_A2, POD_B, SVC = 0x0AF40105, 0x0AF40106, 0x0AF40207, 0x0A600307
 NODE_A, NODE_B = 0xAC120002, 0xAC120003
 
 
@@ -50,14 +50,15 @@ def frames(n: int, seed: int = 1):
         size = rng.choice((0, 0, 60, 200, 517, 1000, 1400, 1400))
         conn = rng.randrange(64)
         sport = 40000 + conn
-        s = seq.get((kind < 0.8, conn), 1000)
-        seq[(kind < 0.8, conn)] = s + size
+        group = 0 if kind < 0.4 else 1 if kind < 0.8 else 2
+        s = seq.get((group, conn), 1000)
+        seq[(group, conn)] = s + size
         off = rng.randrange(0, 4096 - 1400)
         payload = blob[off:off + size]
         if kind < 0.4:
             yield eth(ipv4(POD_A, SVC, 6, tcp(sport, 9080, s, 1, 0x18 if size else 0x10, payload)))
         elif kind < 0.8:
-            inner = eth(ipv4(POD_A, SVC, 6, tcp(sport, 9080, s, 1, 0x18 if size else 0x10, payload)))
+            inner = eth(ipv4(POD_A2, SVC, 6, tcp(sport, 9080, s, 1, 0x18 if size else 0x10, payload)))
             vni = 1001 if conn % 2 else 1000
             yield eth(ipv4(NODE_A, NODE_B, 17, udp(20000 + conn, 6081, geneve(vni, inner))))
         else:

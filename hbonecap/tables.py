@@ -149,6 +149,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("parent_tunnel_id", "string", "for a nested tunnel: the tunnel whose CONNECT stream carries it"),
         ("parent_stream_id", "Int64", "for a nested tunnel: that CONNECT stream's id"),
         ("records", "Int64", "TLS records seen (the record timeline is available without keys)"),
+        ("client_random", "string", "ClientHello random (hex): the key of key log lines (not a secret)"),
     ),
     "streams": _cols(
         ("capture", "string", "capture name"),

@@ -529,7 +529,10 @@ class _Stack:
         for child in self.children.values():
             child.close(last_ts)
         if self.hbone is not None:
+            hbone_like = self.hbone.connects > 0 or self.conn.server[1] == HBONE_PORT or self.owner is not None
             for s in self.hbone.streams.values():
+                if s.method is None and not hbone_like:
+                    continue  # DATA of an unseen stream on a connection with no sign of HBONE: not a tunnel
                 child = self.children.get(s.stream_id)
                 s.inner = child.describe() if child is not None else None
                 row = s.row()
@@ -555,6 +558,7 @@ class _Stack:
             "start": self.first_ts if nested else conn.first_ts, "end": self.last_ts if nested else conn.last_ts,
             "tls_version": t.version_name if t else None, "cipher_suite": t.suite_name if t else None,
             "alpn": t.alpn if t else None, "sni": t.sni if t else None,
+            "client_random": t.client_hello.random.hex() if t and t.client_hello else None,
             "decrypted": bool(t.is_decrypted) if t else None,
             "why_not": (t.why_not if t and not t.is_decrypted else None) if t else "no TLS (cleartext HTTP/2)",
             "client_spiffe": t.spiffe[0] if t else None, "server_spiffe": t.spiffe[1] if t else None,

@@ -161,7 +161,8 @@ class Analysis:
     """Everything hbonecap found in a set of captures. Tables are pandas DataFrames with declared dtypes
     (see `hbonecap.tables` and `Analysis.describe(name)`)."""
 
-    TABLES = ("captures", "packets", "connections", "anomalies", "tunnels", "streams", "requests")
+    TABLES = ("captures", "packets", "connections", "anomalies", "tunnels", "streams", "requests", "flows", "hops",
+              "clock", "latency")
 
     def __init__(self, **frames: pd.DataFrame) -> None:
         for name in self.TABLES:
@@ -212,14 +213,16 @@ def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
 
 def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[str, str] | None = None,
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, on_error: str = "raise",
-            streams: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Analysis:
+            streams: bool = True, correlate: bool = True,
+            progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories. keylog: an NSS key log file (TLS secrets embedded in pcapng files are
     used too). points: {file name: "ROLE[@NODE]"} overrides the capture-point guess. jobs: processes to use
     (None: one per core). on_error: "raise" (a file that is not a capture raises CaptureError) or "report"
     (it becomes an anomaly row and the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE
-    (False: packets and connections only).
+    (False: packets and connections only). correlate: tie connections across captures into flows, hops,
+    clock offsets and latency (needs streams).
     """
     from hbonecap.capture.points import parse_point
 
@@ -257,7 +260,16 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             _collect(res, err, results, errors, on_error)
             if progress:
                 progress(files[i], i + 1, len(files))
-    return _assemble(results, errors + keylog_anomalies)
+    a = _assemble(results, errors + keylog_anomalies)
+    if streams and correlate:
+        from hbonecap.analysis.correlation import correlate as correlate_captures
+
+        found = correlate_captures(a)
+        for name in ("flows", "hops", "clock", "latency"):
+            setattr(a, name, found.get(name, tables.empty(name)))
+        if len(found.get("anomalies", ())):
+            a.anomalies = tables.concat("anomalies", [a.anomalies, found["anomalies"]])
+    return a
 
 
 def _unique_names(files: list[str]) -> dict[str, str]:

@@ -19,6 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 class TableName(str, Enum):
     captures = "captures"
     packets = "packets"
+    flows = "flows"
+    hops = "hops"
+    clock = "clock"
+    latency = "latency"
     connections = "connections"
     anomalies = "anomalies"
     tunnels = "tunnels"
@@ -115,6 +119,11 @@ DISPLAY_COLUMNS = {
     "connections": ["capture", "conn_id", "encap", "client", "server", "first_ts", "packets_c2s", "packets_s2c",
                     "bytes_c2s", "bytes_s2c", "retransmissions", "state", "handshake_rtt_ms"],
     "anomalies": ["capture", "index", "layer", "kind", "detail"],
+    "clock": ["capture", "node", "offset_ms", "uncertainty_ms", "method"],
+    "flows": ["flow_id", "client", "original_dst", "dst_pod", "start", "outcome", "match", "confidence", "last_seen",
+              "bytes_c2s", "bytes_s2c"],
+    "tunnels": ["capture", "tunnel_id", "client", "server", "tls_version", "decrypted", "why_not", "client_spiffe",
+                "server_spiffe", "streams"],
 }
 TCP_FLAG_LETTERS = "FSRPAUEC"
 
@@ -141,8 +150,16 @@ def print_table(df, title: str, limit: int = 50, columns: list[str] | None = Non
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.head(limit).itertuples(index=False):
-        t.add_row(*[Text("" if _isna(v) else str(v)) for v in row])
+        t.add_row(*[Text(_cell(v)) for v in row])
     console.print(t)
+
+
+def _cell(v) -> str:
+    if _isna(v):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
 
 
 def _isna(v) -> bool:
@@ -187,14 +204,16 @@ def correlate(
     a = _run_analysis(files, keylog, point, jobs)
     cap = a.captures[["capture", "format", "role", "node", "packets", "first_ts", "last_ts", "anomalies", "role_reason"]]
     print_table(cap, "captures and roles")
-    if len(a.connections):
-        print_table(a.connections, "TCP connections", 30, DISPLAY_COLUMNS["connections"])
-        summary = a.connections.groupby(["capture", "state"], observed=True).size().reset_index(name="connections")
-        print_table(summary, "TCP connections by state")
-    for name in ("tunnels", "streams"):
-        df = a.table(name)
-        if len(df):
-            print_table(df.drop(columns=[c for c in ("headers", "response_headers") if c in df.columns]), name, 20)
+    if len(a.clock):
+        print_table(a.clock, "clock offsets", 50, DISPLAY_COLUMNS["clock"])
+    if len(a.flows):
+        print_table(a.flows, "flows", 30, DISPLAY_COLUMNS["flows"])
+        summary = a.flows.groupby(["outcome", "match"], observed=True).size().reset_index(name="flows")
+        print_table(summary, "flows by outcome")
+    if len(a.latency):
+        print_table(a.latency, "latency per hop (ms)", 100)
+    if len(a.tunnels):
+        print_table(a.tunnels, "HBONE tunnels", 30, DISPLAY_COLUMNS["tunnels"])
     if len(a.anomalies):
         s = a.anomalies.groupby(["capture", "kind"]).size().reset_index(name="count")
         print_table(s, "anomalies")

@@ -232,6 +232,19 @@ class _Stack:
         elif st == "child":
             self.child.data(d, piece)
 
+    def data_raw(self, d: int, data: bytes, ts: int) -> None:
+        """`data` for bytes captured at one time. Hot path: while a TLS record is incomplete, bytes go straight
+        into the record reader's buffer (nothing else can happen before the record completes)."""
+        if self.state == "tls":
+            reader = self.tls.readers[d]
+            buf = reader.buf
+            if reader.state == "records" and buf.buf and len(buf.buf) + len(data) < reader.need and data:
+                buf.append(data, ts)
+                self.last_ts = ts
+                self.bytes[d] += len(data)
+                return
+        self.data(d, Timed(data, ((0, ts),)))
+
     def gap(self, d: int, length: int) -> None:
         st = self.state
         if st == "detect":
@@ -641,8 +654,7 @@ class StreamAnalyzer:
                 c.bytes[d] += seg.payload_len
                 events = c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index)
                 if len(events) == 1 and type(events[0]) is StreamData:
-                    e = events[0]
-                    c.stack.data(d, Timed(e.data, ((0, e.ts_ns),)))
+                    c.stack.data_raw(d, events[0].data, events[0].ts_ns)
                 else:
                     for e in events:
                         self._dispatch(c, e)

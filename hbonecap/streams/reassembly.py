@@ -14,6 +14,8 @@ Strategy
   * Gaps are explicit `StreamGap` events, never zero-filled. A hole is declared when the peer has acknowledged beyond
     it while later data is waiting and a few more segments went by without filling it (`HOLE_PATIENCE`), when the out-of-order buffer exceeds its cap, at RST/close, or when the capture's
     snapshot length cut a segment (`reason='snaplen'`; reported once as `tcp_snaplen_cut`, summarised at close).
+  * A one-byte segment just below the next expected byte is a keep-alive probe (RFC 9293 3.8.4): counted, never
+    compared (its byte is garbage by design).
   * A FIN ends the direction once every byte before it has been delivered (`StreamEnd('fin')`); a RST ends it at once.
 
 Limits
@@ -83,7 +85,7 @@ class _Direction:
     __slots__ = ("d", "base", "next_off", "starts", "ranges", "pending_bytes", "tail", "tail_bytes",
                  "fin_off", "ended", "syn_seen", "midstream", "retransmissions", "conflicts", "gaps",
                  "max_buffer", "max_ranges", "delivered", "gap_bytes", "hole_acked", "snaplen_cuts",
-                 "snaplen_bytes")
+                 "snaplen_bytes", "keepalives")
 
     def __init__(self, d: int, max_buffer: int, max_ranges: int) -> None:
         self.d = d
@@ -108,6 +110,7 @@ class _Direction:
         self.hole_acked = 0
         self.snaplen_cuts = 0
         self.snaplen_bytes = 0
+        self.keepalives = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def offset_of(self, seq: int) -> int:
@@ -257,6 +260,8 @@ class _Direction:
                 if off < 0 and self.midstream:
                     anomalies.append(Anomaly("tcp", "tcp_data_before_start",
                                              f"dir {self.d}: {plen} bytes before the first byte captured", idx))
+                elif plen == 1 and off == self.next_off - 1:
+                    self.keepalives += 1  # TCP keep-alive probe: one garbage byte below the window, not data
                 else:
                     self.retransmissions += 1
                     if cap and self._compare_delivered(off, payload[:cap]):

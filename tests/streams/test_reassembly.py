@@ -67,6 +67,12 @@ def test_retransmission_first_seen_wins_and_conflict_reported():
     assert [e.kind for e in ev if isinstance(e, Anomaly)] == ["tcp_overlap_conflict"]
 
 
+def test_keepalive_probe_is_not_a_conflict():
+    segs = [(0, ISN, SYN, b"")] + chop(b"hello", [5]) + [(0, (ISN + 5) & 0xFFFFFFFF, 0, b"\x00")]
+    ev = run(segs)
+    assert stream_bytes(ev) == b"hello" and not [e for e in ev if isinstance(e, Anomaly)]
+
+
 def test_out_of_order_overlap_first_seen_wins():
     base = (ISN + 1) & 0xFFFFFFFF
     segs = [(0, ISN, SYN, b""), (0, base + 5, 0, b"XXXXXX"), (0, base + 3, 0, b"defghij"), (0, base, 0, b"abc")]

@@ -28,6 +28,7 @@ import pandas as pd
 
 from hbonecap.analysis.legs import Legs
 
+MAX_CAPTURES_PER_GROUP = 3
 KEY = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
 
 
@@ -66,9 +67,11 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     gcode = {g: i for i, g in enumerate(grp_names)}
     cap_to_grp = np.asarray([gcode[group_of_cap[c]] for c in range(len(legs.captures))], dtype=np.int64)
     t["grp"] = cap_to_grp[t["cap"].to_numpy()]
-    # one representative capture per (group, lconn): the one with the most packets of it
+    # up to three captures per (group, lconn), those with the most packets of it: the pair of captures closest
+    # to each other (smallest round trip, least path asymmetry) is chosen later
     counts = t.groupby(["grp", "lconn", "cap"]).size().rename("n").reset_index()
-    counts = counts.sort_values(["grp", "lconn", "n"], ascending=[True, True, False]).drop_duplicates(["grp", "lconn"])
+    counts = counts.sort_values(["grp", "lconn", "n"], ascending=[True, True, False])
+    counts = counts[counts.groupby(["grp", "lconn"]).cumcount() < MAX_CAPTURES_PER_GROUP]
     multi = counts.groupby("lconn")["grp"].nunique()
     shared = multi[multi >= 2].index
     rep = counts[counts["lconn"].isin(shared)][["grp", "lconn", "cap"]]
@@ -88,50 +91,124 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
         out.append(pd.DataFrame({"ga": grp_names[ga], "gb": np.asarray(grp_names, object)[m["grp"].to_numpy()],
                                  "lconn": m["lconn"].to_numpy(), "dir": m["dir"].to_numpy(),
                                  "delta": (m["ts_b"] - m["ts_a"]).to_numpy(), "ta": m["ts_a"].to_numpy(),
-                                 "cap_a": m["cap_a"].to_numpy(), "cap_b": m["cap_b"].to_numpy()}))
+                                 "cap_a": np.asarray(legs.captures, object)[m["cap_a"].to_numpy()],
+                                 "cap_b": np.asarray(legs.captures, object)[m["cap_b"].to_numpy()]}))
     if not out:
         return pd.DataFrame(columns=["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"])
     return pd.concat(out, ignore_index=True)
 
 
-def pair_estimates(deltas: pd.DataFrame, captures: list[str]) -> list[PairEstimate]:
-    """One offset estimate per pair of groups, pooling every connection seen by both."""
+def datagram_deltas(packets: pd.DataFrame, captures: list[str], group_of_cap: dict[int, str]) -> pd.DataFrame:
+    """The same as `packet_deltas` for IPv4 packets other than TCP (UDP, ICMP): matched by inner addresses,
+    protocol, ports, IP identification, lengths and ICMP type, and where that repeats within a capture, by its
+    rank (the n-th such packet in one capture is the n-th in the other). Each unordered address pair and protocol
+    is one pseudo-connection (negative ids), its direction the address order."""
+    cols = ["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"]
+    if packets.empty:
+        return pd.DataFrame(columns=cols)
+    m = (packets["proto"] != "tcp") & packets["ip_id"].notna() & packets["src"].notna() & packets["dst"].notna()
+    pk = packets.loc[m]
+    if pk.empty:
+        return pd.DataFrame(columns=cols)
+    capidx = {c: i for i, c in enumerate(captures)}
+    src = pk["src"].astype(object).to_numpy(object)
+    dst = pk["dst"].astype(object).to_numpy(object)
+    fwd = src.astype(str) <= dst.astype(str)
+    lo = np.where(fwd, src, dst)
+    hi = np.where(fwd, dst, src)
+    d = pd.DataFrame({
+        "cap": pk["capture"].astype(object).map(capidx).to_numpy(),
+        "ts": pk["ts"].to_numpy("datetime64[ns]").view(np.int64),
+        "pair": pd.factorize(pd.MultiIndex.from_arrays([lo, hi, pk["proto"].astype(object).to_numpy(object)]))[0],
+        "dir": (~fwd).astype(np.int64),
+        "ip_id": pk["ip_id"].to_numpy(np.int64, na_value=-1),
+        "sport": pk["sport"].to_numpy(np.int64, na_value=-1), "dport": pk["dport"].to_numpy(np.int64, na_value=-1),
+        "plen": pk["payload_len"].to_numpy(np.int64, na_value=-1),
+        "icmp": pk["icmp_type"].to_numpy(np.int64, na_value=-1),
+    }).dropna(subset=["cap"])
+    d["cap"] = d["cap"].astype(np.int64)
+    key = ["pair", "dir", "ip_id", "sport", "dport", "plen", "icmp"]
+    d = d.sort_values(["cap", "ts"], kind="stable")
+    d["rank"] = d.groupby(["cap"] + key).cumcount()
+    key = key + ["rank"]
+    grp_names = sorted(set(group_of_cap.values()))
+    gcode = {g: i for i, g in enumerate(grp_names)}
+    d["grp"] = np.asarray([gcode[group_of_cap[c]] for c in range(len(captures))], dtype=np.int64)[d["cap"].to_numpy()]
+    # one capture per group: the one with the most such packets
+    best = d.groupby(["grp", "cap"]).size().rename("n").reset_index().sort_values("n", ascending=False) \
+        .drop_duplicates("grp")
+    d = d[d["cap"].isin(best["cap"])]
+    out = []
+    for ga in sorted(d["grp"].unique()):
+        ta = d[d["grp"] == ga]
+        tb = d[d["grp"] > ga]
+        if tb.empty:
+            continue
+        mm = ta.merge(tb, on=key, suffixes=("_a", "_b"))
+        if mm.empty:
+            continue
+        out.append(pd.DataFrame({"ga": grp_names[ga], "gb": np.asarray(grp_names, object)[mm["grp_b"].to_numpy()],
+                                 "lconn": -1 - mm["pair"].to_numpy(), "dir": mm["dir"].to_numpy(),
+                                 "delta": (mm["ts_b"] - mm["ts_a"]).to_numpy(), "ta": mm["ts_a"].to_numpy(),
+                                 "cap_a": np.asarray(captures, object)[mm["cap_a"].to_numpy()],
+                                 "cap_b": np.asarray(captures, object)[mm["cap_b"].to_numpy()]}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def pair_estimates(deltas: pd.DataFrame) -> list[PairEstimate]:
+    """One offset estimate per pair of groups: for each pair of captures (one per group) the bracket pooled over
+    every connection both saw; the narrowest consistent bracket wins."""
     if deltas.empty:
         return []
-    agg = deltas.groupby(["ga", "gb", "lconn", "dir"])["delta"].agg(["min", "max", "size"]).reset_index()
+    agg = deltas.groupby(["ga", "gb", "cap_a", "cap_b", "lconn", "dir"])["delta"].agg(["min", "max", "size"])
+    agg = agg.reset_index()
     est = []
-    for (ga, gb), sub in agg.groupby(["ga", "gb"], sort=True):
-        fwd_min, bwd_max, n_pk, conns, used = np.inf, -np.inf, 0, 0, []
-        one_way: list[tuple[float, float]] = []
-        for lc, s in sub.groupby("lconn"):
-            d0 = s[s["dir"] == 0]
-            d1 = s[s["dir"] == 1]
-            if d0.empty or d1.empty:
-                one_way.append((s["min"].min(), s["max"].max()))
-                continue
-            # orientation: client->server packets go a->b (gap1) or b->a (gap2)
-            gap1 = d0["min"].iloc[0] - d1["max"].iloc[0]
-            gap2 = d1["min"].iloc[0] - d0["max"].iloc[0]
-            f, b = (d0, d1) if gap1 >= gap2 else (d1, d0)
-            fwd_min = min(fwd_min, f["min"].iloc[0])
-            bwd_max = max(bwd_max, b["max"].iloc[0])
-            n_pk += int(s["size"].sum())
-            conns += 1
-            used.append(int(lc))
-        caps = deltas[(deltas["ga"] == ga) & (deltas["gb"] == gb)][["cap_a", "cap_b"]].iloc[0]
-        capn = (captures[int(caps["cap_a"])], captures[int(caps["cap_b"])])
-        if conns == 0:
-            # only one direction seen: the offset is bounded on one side only; take the tightest packet as a
-            # rough estimate with a large uncertainty
-            lo = min(x[0] for x in one_way)
-            hi = max(x[1] for x in one_way)
-            est.append(PairEstimate(ga, gb, float(lo), float(max(hi - lo, abs(lo)) or 0.0), len(one_way),
-                                    int(sub["size"].sum()), True, [], capn))
-            continue
-        theta = (fwd_min + bwd_max) / 2
-        unc = (fwd_min - bwd_max) / 2
-        est.append(PairEstimate(ga, gb, float(theta), float(abs(unc)), conns, n_pk, bool(unc < 0), used, capn))
+    for (ga, gb), sub_g in agg.groupby(["ga", "gb"], sort=True):
+        best: PairEstimate | None = None
+        for (ca, cb), sub in sub_g.groupby(["cap_a", "cap_b"], sort=True):
+            e = _bracket(ga, gb, str(ca), str(cb), sub)
+            if best is None or _better(e, best):
+                best = e
+        if best is not None:
+            est.append(best)
     return est
+
+
+def _better(e: PairEstimate, best: PairEstimate) -> bool:
+    if e.inconsistent != best.inconsistent:
+        return not e.inconsistent
+    if e.uncertainty_ns != best.uncertainty_ns:
+        return e.uncertainty_ns < best.uncertainty_ns
+    return e.packets > best.packets
+
+
+def _bracket(ga: str, gb: str, ca: str, cb: str, sub: pd.DataFrame) -> PairEstimate:
+    fwd_min, bwd_max, n_pk, conns, used = np.inf, -np.inf, 0, 0, []
+    one_way: list[tuple[float, float]] = []
+    for lc, s in sub.groupby("lconn"):
+        d0 = s[s["dir"] == 0]
+        d1 = s[s["dir"] == 1]
+        if d0.empty or d1.empty:
+            one_way.append((s["min"].min(), s["max"].max()))
+            continue
+        # orientation: client->server packets go a->b (gap1) or b->a (gap2)
+        gap1 = d0["min"].iloc[0] - d1["max"].iloc[0]
+        gap2 = d1["min"].iloc[0] - d0["max"].iloc[0]
+        f, b = (d0, d1) if gap1 >= gap2 else (d1, d0)
+        fwd_min = min(fwd_min, f["min"].iloc[0])
+        bwd_max = max(bwd_max, b["max"].iloc[0])
+        n_pk += int(s["size"].sum())
+        conns += 1
+        used.append(int(lc))
+    if conns == 0:
+        # one direction only: the offset is bounded on one side; the tightest packet is a rough estimate
+        lo = min(x[0] for x in one_way)
+        hi = max(x[1] for x in one_way)
+        return PairEstimate(ga, gb, float(lo), float(max(hi - lo, abs(lo)) or 0.0), len(one_way),
+                            int(sub["size"].sum()), True, [], (ca, cb))
+    theta = (fwd_min + bwd_max) / 2
+    unc = (fwd_min - bwd_max) / 2
+    return PairEstimate(ga, gb, float(theta), float(abs(unc)), conns, n_pk, bool(unc < 0), used, (ca, cb))
 
 
 def solve_offsets(groups: list[str], reference: str, pairs: list[PairEstimate]) -> dict[str, GroupOffset]:

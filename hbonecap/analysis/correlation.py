@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from hbonecap import tables
-from hbonecap.analysis.clock import packet_deltas, pair_estimates, solve_offsets
+from hbonecap.analysis.clock import datagram_deltas, packet_deltas, pair_estimates, solve_offsets
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
@@ -229,7 +229,18 @@ class _Correlator:
             self.reference = ""
         gmap = {i: self.group[c] for i, c in enumerate(self.caps)}
         deltas = packet_deltas(self.L, gmap) if self.caps else pd.DataFrame()
-        self.pairs = pair_estimates(deltas, self.caps) if len(deltas) else []
+        # captures with no TCP in common may still share other IPv4 packets (UDP, ICMP)
+        all_caps = list(dict.fromkeys(list(self.caps) + [str(c) for c in self.a.captures["capture"]]))
+        for c in all_caps:
+            self.group.setdefault(c, self.node.get(c) or c)
+        groups = sorted(set(self.group.values()))
+        dg = datagram_deltas(self.a.packets, all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
+        self.pairs = pair_estimates(deltas) if len(deltas) else []
+        if len(dg):   # only for pairs of clocks that share no TCP connection: TCP matching is unambiguous
+            have = {(p.a, p.b) for p in self.pairs}
+            dg = dg[[(x, y) not in have for x, y in zip(dg["ga"], dg["gb"])]]
+            if len(dg):
+                self.pairs += pair_estimates(dg)
         self.offsets = solve_offsets(groups, self.reference, self.pairs) if groups else {}
         for p in self.pairs:
             if p.inconsistent:
@@ -858,6 +869,8 @@ def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
         if tables.dtypes(name)[c] == tables.TS:
             vals = np.array([v if v is not None else np.iinfo(np.int64).min for v in vals], dtype=np.int64)
             vals[vals == np.iinfo(np.int64).min] = -1
+        elif tables.dtypes(name)[c] == "float64":
+            vals = np.array([np.nan if v is None or v is pd.NA else float(v) for v in vals], dtype=np.float64)
         else:
             vals = [pd.NA if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in vals]
         data[c] = vals

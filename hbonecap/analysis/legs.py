@@ -57,7 +57,7 @@ def build_legs(packets: pd.DataFrame) -> Legs:
     if pk.empty:
         empty_tcp = pd.DataFrame({c: pd.Series([], dtype="int64") for c in
                                   ("cap", "ts", "leg", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen")})
-        return Legs(empty_tcp, pd.DataFrame(columns=LEG_COLUMNS), pd.DataFrame(columns=["lconn", "client", "server"]),
+        return Legs(empty_tcp, pd.DataFrame(columns=LEG_COLUMNS), pd.DataFrame(columns=LCONN_COLUMNS),
                     captures)
     src = pk["src"].astype("category")
     dst = pk["dst"].astype("category")
@@ -201,6 +201,7 @@ def build_legs(packets: pd.DataFrame) -> Legs:
     return Legs(tcp, legs, lconns, captures)
 
 
+LCONN_COLUMNS = ["lconn", "client", "server", "client_ip", "server_ip", "server_port", "isn"]
 LEG_COLUMNS = ["leg", "cap", "capture", "lconn", "first_ts", "last_ts", "syn", "syn_ack", "data_c2s", "data_s2c",
                "fin_c2s", "fin_s2c", "rst_c2s", "rst_s2c", "first_c2s", "first_s2c", "packets_c2s", "packets_s2c",
                "bytes_c2s", "bytes_s2c", "encap_c2s"]

@@ -191,6 +191,24 @@ class Analysis:
             written.append(f)
         return written
 
+    def plot_latency(self, ax=None, **kw):
+        """Latency per hop and event (box plots with points); returns the Figure."""
+        from hbonecap.plots import plot_latency
+
+        return plot_latency(self, ax=ax, **kw)
+
+    def plot_flow(self, flow_id: int, ax=None):
+        """One flow's journey across the capture points; returns the Figure."""
+        from hbonecap.plots import plot_flow
+
+        return plot_flow(self, flow_id, ax=ax)
+
+    def plot_timeline(self, ax=None, **kw):
+        """Latency per hop over time; returns the Figure."""
+        from hbonecap.plots import plot_timeline
+
+        return plot_timeline(self, ax=ax, **kw)
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={len(self.table(n))}" for n in self.TABLES)
         return f"<hbonecap.Analysis {parts}>"

@@ -196,6 +196,7 @@ def correlate(
     point: Optional[List[str]] = typer.Option(None, "--point", "-p", help="FILE=ROLE[@NODE] capture-point override."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write every table to."),
     fmt: OutFormat = typer.Option(OutFormat.parquet, "--format", "-f", help="parquet or csv for -o."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Directory to write latency plots to (PNG and SVG)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
 ) -> None:
     """Analyse a capture set: capture points, connections, HBONE tunnels and streams, anomalies."""
@@ -222,6 +223,34 @@ def correlate(
             _fail("-o writes parquet or csv")
         written = a.save(output, fmt.value)
         typer.echo(f"wrote {len(written)} tables to {output}", err=True)
+    if plot is not None:
+        plot.mkdir(parents=True, exist_ok=True)
+        figures = {"latency": a.plot_latency(), "timeline": a.plot_timeline()}
+        for fid in a.flows["flow_id"].head(20).tolist() if len(a.flows) else []:
+            figures[f"flow-{fid}"] = a.plot_flow(int(fid))
+        for name, fig in figures.items():
+            for ext in ("png", "svg"):
+                fig.savefig(plot / f"{name}.{ext}")
+        typer.echo(f"wrote {2 * len(figures)} plots to {plot}", err=True)
+
+
+@app.command()
+def report(
+    files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
+    output: Path = typer.Option(..., "--output", "-o", help="HTML file to write."),
+    keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log (SSLKEYLOGFILE) for TLS."),
+    point: Optional[List[str]] = typer.Option(None, "--point", "-p", help="FILE=ROLE[@NODE] capture-point override."),
+    title: str = typer.Option("hbonecap postmortem report", "--title", help="Report title."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
+) -> None:
+    """Write the postmortem report: one self-contained HTML file."""
+    if keylog is not None and not keylog.exists():
+        _fail(f"{keylog}: key log not found")
+    a = _run_analysis(files, keylog, point, jobs)
+    from hbonecap.report import write_report
+
+    write_report(a, output, title)
+    typer.echo(f"wrote {output}", err=True)
 
 
 @app.command()

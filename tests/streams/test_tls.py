@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes

@@ -30,7 +30,6 @@ Limits
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from ..anomalies import Anomaly

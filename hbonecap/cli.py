@@ -253,6 +253,30 @@ def report(
     typer.echo(f"wrote {output}", err=True)
 
 
+class Era(str, Enum):
+    geneve = "geneve"
+    inpod = "inpod"
+
+
+@app.command()
+def plan(
+    era: Era = typer.Option(Era.inpod, "--era", help="geneve (Istio 1.18-1.20 and earlier) or inpod (1.21+)."),
+    namespace: Optional[List[str]] = typer.Option(None, "--namespace", "-n", help="Namespace of each --pod."),
+    pod: Optional[List[str]] = typer.Option(None, "--pod", help="Pods to capture (repeat)."),
+    node: Optional[List[str]] = typer.Option(None, "--node", help="Node names (repeat)."),
+) -> None:
+    """Print the commands to capture every point of the data path, with file names hbonecap recognises."""
+    from hbonecap.guide import plan as make_plan
+
+    pods = None
+    if pod:
+        nss = list(namespace or [])
+        if nss and len(nss) not in (1, len(pod)):
+            _fail("give one --namespace, or one per --pod")
+        pods = [(nss[i] if len(nss) == len(pod) else (nss[0] if nss else "default"), p) for i, p in enumerate(pod)]
+    typer.echo(make_plan(era.value, pods, node), nl=False)
+
+
 @app.command()
 def schema(table: Optional[TableName] = typer.Argument(None, help="Table to describe (all when omitted).")) -> None:
     """Describe the columns of the tables hbonecap produces."""

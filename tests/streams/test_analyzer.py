@@ -86,3 +86,24 @@ def test_corrupted_hbone_never_raises(seed, flips):
         del segs[rnd.randrange(3, len(segs))]
     r = run(segs, load(_KEYS))
     assert all(t["tunnel_id"] for t in r.tunnels)
+
+
+def test_idle_and_closed_connections_are_flushed(monkeypatch):
+    import hbonecap.streams.analyzer as analyzer_module
+
+    monkeypatch.setattr(analyzer_module, "FLUSH_EVERY", 4)
+    first = segments(_EXCHANGE)
+    later = [replace(s, sport=s.sport + 1 if s.sport == 40000 else s.sport,
+                     dport=s.dport + 1 if s.dport == 40000 else s.dport, ts_ns=s.ts_ns + 3600 * 10**9)
+             for s in first]
+    a = StreamAnalyzer(load(_KEYS))
+    for s in first:
+        a.feed(s)
+    assert len(a.conns) == 1
+    for s in later[:8]:
+        a.feed(s)
+    assert len(a.conns) == 1 and a.ctx.results.tunnels  # the first connection was finished and reported
+    for s in later[8:]:
+        a.feed(s)
+    r = a.close()
+    assert [t["tunnel_id"] for t in r.tunnels] == ["c0", "c1"] and all(t["decrypted"] for t in r.tunnels)

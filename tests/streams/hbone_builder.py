@@ -56,17 +56,20 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
 class TlsPair:
     """A client and a server TLS 1.3 endpoint connected through memory; records every byte each side sends."""
 
-    def __init__(self, keylog: Path, suite: str | None = None) -> None:
+    def __init__(self, keylog: Path, suite: str | None = None, tls12_ciphers: str | None = None) -> None:
         pki = _pki()
         cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         cctx.check_hostname = False
         cctx.minimum_version = cctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        if tls12_ciphers:
+            cctx.minimum_version = cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            cctx.set_ciphers(tls12_ciphers)
         cctx.load_verify_locations(pki["ca"])
         cctx.load_cert_chain(pki["client"])
         cctx.set_alpn_protocols(["h2"])
         cctx.keylog_filename = str(keylog)
         sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        sctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        sctx.minimum_version = ssl.TLSVersion.TLSv1_2 if tls12_ciphers else ssl.TLSVersion.TLSv1_3
         sctx.load_cert_chain(pki["server"])
         sctx.load_verify_locations(pki["ca"])
         sctx.verify_mode = ssl.CERT_REQUIRED

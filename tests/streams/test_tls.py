@@ -204,6 +204,21 @@ def test_real_tls13_handshake_facts(tmp_path):
     assert parse_client_hello(body).random == t.client_hello.random and ch
 
 
+@pytest.mark.parametrize("ciphers,suite", [("ECDHE-ECDSA-AES128-GCM-SHA256", 0xC02B),
+                                           ("ECDHE-ECDSA-AES256-GCM-SHA384", 0xC02C),
+                                           ("ECDHE-ECDSA-CHACHA20-POLY1305", 0xCCA9)])
+def test_real_tls12_aead_suites(tmp_path, ciphers, suite):
+    pair = TlsPair(tmp_path / "k.log", tls12_ciphers=ciphers)
+    pair.send(0, b"GET / HTTP/1.1\r\n\r\n")
+    pair.send(1, b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 40000)
+    t = TlsSession(load(tmp_path / "k.log"))
+    ev = feed_all(t, pair.wire)
+    assert t.version_name == "TLS 1.2" and t.suite == suite and t.alpn == "h2"
+    assert plaintext(ev) == (b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 40000)
+    assert t.spiffe[1] == "spiffe://cluster.local/ns/default/sa/httpbin"  # TLS 1.2 certificates are in clear
+    assert not [e for e in ev if isinstance(e, Anomaly)]
+
+
 def test_client_hello_cut_at_every_offset(tmp_path):
     pair = TlsPair(tmp_path / "k.log")
     c = b"".join(b for d, b in pair.wire if d == 0)

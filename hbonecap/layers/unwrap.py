@@ -6,6 +6,8 @@ tags, IP, extension headers, transport, tunnel, times the tunnel depth), so host
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 from hbonecap.capture.records import RecordBatch
@@ -39,8 +41,23 @@ def max_rounds(config: DecodeConfig) -> int:
     return 2 + per_level * (config.max_tunnel_depth + 1)
 
 
-def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig) -> DecodeContext:
-    """Decode every frame of `batch`; `link_types[i]` is the link type of interface i."""
+ENGINES = ("auto", "compiled", "numpy")
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig, engine: str = "auto"
+                 ) -> DecodeContext:
+    """Decode every frame of `batch`; `link_types[i]` is the link type of interface i.
+
+    `engine`: "numpy" runs the vectorised decoders below; "compiled" the numba walk of
+    `hbonecap.layers.compiled` (same result, the vectorised decoders handle its odd packets); "auto" is
+    compiled when numba is installed."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "compiled" or (engine == "auto" and _HAVE_NUMBA):
+        from hbonecap.layers import compiled
+
+        return compiled.decode_batch(batch, link_types, config)
     ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config)
     if ctx.n == 0:
         return ctx

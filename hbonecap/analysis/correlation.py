@@ -354,7 +354,8 @@ class _Correlator:
             s = evs[r.si]
             ev = STREAM_EVENTS[r.ei][1]
             cap = self.caps[r.cap]
-            if cap not in s.times[ev]:
+            # a capture on several interfaces sees the packet more than once: its first sight counts
+            if cap not in s.times[ev] or int(r.ts) < s.times[ev][cap]:
                 s.times[ev][cap] = int(r.ts)
 
     # --- times -------------------------------------------------------------------------------------------------

@@ -128,11 +128,13 @@ class _Ctx:
         self.tunnel_bytes_kept = 0
         self.timeline_kept = 0
         self.counts: dict[int | None, dict[str, int]] = {}
+        self.layers: dict[str, str] = {}
 
     def anomaly(self, a: Anomaly) -> None:
         per_conn = self.counts.setdefault(self.conn_id, {})
         n = per_conn[a.kind] = per_conn.get(a.kind, 0) + 1
         if n > MAX_ANOMALIES_PER_KIND:
+            self.layers[a.kind] = a.layer
             return
         row = a.row(self.capture)
         if row["index"] is None:
@@ -147,7 +149,7 @@ class _Ctx:
         for kind, n in per_conn.items():
             if n > MAX_ANOMALIES_PER_KIND:
                 self.results.anomalies.append({
-                    "capture": self.capture, "index": None, "layer": kind.split("_")[0], "kind": kind,
+                    "capture": self.capture, "index": None, "layer": self.layers.get(kind, ""), "kind": kind,
                     "detail": f"c{conn_id}: {n - MAX_ANOMALIES_PER_KIND} more {kind} anomalies not listed "
                               f"({n} in all)"})
 
@@ -648,6 +650,13 @@ class StreamAnalyzer:
             ctx.conn_id = c.conn_id
             if c.closed:
                 self._last = None
+            elif c.stack.state == "opaque" and not flags & (FIN | RST):
+                # nothing will look at these bytes: count them, skip reassembly
+                c.last_ts = seg.ts_ns
+                c.last_index = seg.index
+                c.bytes[d] += seg.payload_len
+                self.segments += 1
+                return
             else:
                 c.last_ts = seg.ts_ns
                 c.last_index = seg.index
@@ -686,8 +695,9 @@ class StreamAnalyzer:
         c.last_ts = seg.ts_ns
         c.last_index = seg.index
         c.bytes[d] += seg.payload_len
-        for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index):
-            self._dispatch(c, e)
+        if c.stack.state != "opaque" or flags & (FIN | RST):
+            for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index):
+                self._dispatch(c, e)
         if flags & (FIN | RST):
             c.ended[d] = True
             if flags & RST:

@@ -128,7 +128,8 @@ class TimedBuffer:
             if off >= end:
                 break
             marks.append((max(off - self.start, 0), t))
-        data = bytes(self.buf[:n])
+        with memoryview(self.buf) as view:
+            data = bytes(view[:n])  # one copy (slicing the bytearray first would copy twice)
         del self.buf[:n]
         self.start = end
         while len(m) > 1 and m[1][0] <= self.start:

@@ -269,8 +269,8 @@ class FrameReader:
                 self.need = 9 + length
                 return out
             offset = buf.start
-            whole = buf.take(9 + length)
-            payload = whole.slice(9, 9 + length) if length else Timed(b"", ((0, whole.ts_last),))
+            head = buf.take(9)
+            payload = buf.take(length) if length else Timed(b"", ((0, head.ts_last),))
             self.frames += 1
-            out.append(Frame(ftype, flags, sid, length, payload, whole.ts_last, offset))
+            out.append(Frame(ftype, flags, sid, length, payload, payload.ts_last, offset))
         return out

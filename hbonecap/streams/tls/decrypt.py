@@ -134,11 +134,14 @@ class RecordKeys:
         try:
             if self.version == 0x0304:
                 inner = self.aead.decrypt(self._nonce13(use), fragment, header)
-                # TLSInnerPlaintext: content || type || zeros
-                end = len(inner.rstrip(b"\0"))
-                if end == 0:
-                    return None
-                result = (inner[end - 1], inner[:end - 1])
+                # TLSInnerPlaintext: content || type || zeros (padding is rare: look before copying)
+                if inner and inner[-1]:
+                    result = (inner[-1], inner[:-1])
+                else:
+                    end = len(inner.rstrip(b"\0"))
+                    if end == 0:
+                        return None
+                    result = (inner[end - 1], inner[:end - 1])
             elif self.kind == "aesgcm":
                 if len(fragment) < 8 + 16:
                     return None

@@ -155,7 +155,9 @@ class RecordReader:
                 self.need = 5 + length
                 return out
             offset = buf.start
-            whole = buf.take(5 + length)
+            ts_first = buf.ts_at(0)
+            header = buf.take(5).data
+            fragment = buf.take(length)
             self.records += 1
-            out.append(Record(ctype, version, whole.data[:5], whole.data[5:], whole.ts_first, whole.ts_last, offset))
+            out.append(Record(ctype, version, header, fragment.data, ts_first, fragment.ts_last, offset))
         return out

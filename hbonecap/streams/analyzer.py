@@ -20,6 +20,13 @@ the epoch or None. Also the tunnelled bytes of each CONNECT stream with their ca
 (`tunnel_bytes[(tunnel_id, stream_id)]`, bounded), the TLS record timeline of every TLS connection
 (`records[tunnel_id]`, for keyless analysis), every decoded HTTP/2 header block (`http2_headers`) and, when asked
 for, the decrypted TLS plaintext (`plaintext[tunnel_id]`).
+
+Ids: connections are numbered from 0 in order of their first segment (``conn_id``); a tunnel's id is ``c<conn_id>``
+for a TLS/h2c connection, ``<tunnel_id>/s<stream_id>`` for a tunnel inside a CONNECT stream (double HBONE).
+
+Times: TCP bytes carry the capture time of the segment that brought them; decrypted bytes carry the time of the
+last byte of their TLS record (when a receiver could first read them); HTTP/2 events the time of their frame's
+last byte. `TimedBytes.marks` keep these as ``(offset, ts_ns)`` ranges, never one time per byte.
 """
 from __future__ import annotations
 
@@ -95,6 +102,16 @@ class TimedBytes:
 
 @dataclass
 class StreamResults:
+    """What `StreamAnalyzer.close()` returns.
+
+    tunnels, streams, requests, anomalies: rows (dicts keyed by the table's column names).
+    tunnel_bytes[(tunnel_id, stream_id)]: (client->server, server->client) `TimedBytes` of a CONNECT stream.
+    records[tunnel_id]: TLS record timeline, tuples (direction, ts_first_byte, ts_last_byte, content_type, length).
+    http2_headers: every decoded header block: capture, conn_id, tunnel_id, direction, stream_id, ts, exact,
+        headers (list of (name, value) str pairs, None when undecodable).
+    plaintext[tunnel_id]: decrypted TLS application bytes per direction (only with keep_plaintext=True).
+    """
+
     tunnels: list[dict] = field(default_factory=list)
     streams: list[dict] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)

@@ -77,3 +77,24 @@ def test_module_entry_point_and_version():
     assert r.returncode == 0 and r.stdout.startswith("hbonecap ")
     r = subprocess.run([sys.executable, "-m", "hbonecap", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "decode" in r.stdout and "correlate" in r.stdout
+
+
+def test_report_and_plot_commands(tmp_path):
+    from tests.conftest import SAMPLES
+
+    d = SAMPLES / "sequential"
+    if not (d / "truth.json").exists():
+        import pytest
+
+        pytest.skip(f"lab sample {d} not found")
+    out = tmp_path / "r.html"
+    r = runner.invoke(app, ["report", str(d), "--keylog", str(d / "keylog.txt"), "-o", str(out), "-j", "1"])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    plots = tmp_path / "plots"
+    r = runner.invoke(app, ["correlate", str(d), "--keylog", str(d / "keylog.txt"), "--plot", str(plots), "-j", "1"])
+    assert r.exit_code == 0, r.output
+    names = {p.name for p in plots.iterdir()}
+    assert {"latency.png", "latency.svg", "timeline.png", "flow-1.svg"} <= names
+    r = runner.invoke(app, ["report", str(d), "--keylog", str(tmp_path / "nope.txt"), "-o", str(out)])
+    assert r.exit_code == 2 and "key log not found" in r.output

@@ -88,64 +88,6 @@ def _port_classes(config: DecodeConfig) -> np.ndarray:
 
 # -- the compiled walk ---------------------------------------------------------------------------------------
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _u16(buf, i):
-    return (np.int64(buf[i]) << 8) | np.int64(buf[i + 1])
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _u32(buf, i):
-    return (np.int64(buf[i]) << 24) | (np.int64(buf[i + 1]) << 16) | (np.int64(buf[i + 2]) << 8) | np.int64(buf[i + 3])
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _after_ethertype(et, eth_kind, proto, i):
-    """link.dispatch_ethertype for one packet: the next kind, or K_DONE with its proto code written."""
-    k = np.int64(eth_kind[et])
-    if k == K_DONE:
-        if et == C.ETHERTYPE_ARP:
-            proto[i] = P_ARP << 16
-        elif et < 0x0600:
-            proto[i] = P_LLC << 16
-        else:
-            proto[i] = (P_ETHERTYPE << 16) | et
-    return k
-
-
-@numba.njit(cache=True, nogil=True)
-def _tcp_options(buf, i, cur, end, mss, wscale, sack_permitted, sack_blocks, tsval, tsecr):
-    """transport._options for one packet (bytes cur..end); False where it would note `tcp_bad_option`."""
-    sack_permitted[i] = 0
-    for _ in range(40):
-        if cur >= end:
-            break
-        kind = np.int64(buf[cur])
-        if kind == TCPOPT_EOL:
-            break
-        if kind == TCPOPT_NOP:
-            cur += 1
-            continue
-        ln = np.int64(buf[cur + 1]) if cur + 1 < end else np.int64(0)
-        if ln < 2 or cur + ln > end:
-            return False
-        if kind == TCPOPT_MSS:
-            if ln == 4:
-                mss[i] = _u16(buf, cur + 2)
-        elif kind == TCPOPT_WSCALE:
-            if ln == 3:
-                wscale[i] = buf[cur + 2]
-        elif kind == TCPOPT_SACK_PERM:
-            sack_permitted[i] = 1
-        elif kind == TCPOPT_SACK:
-            sack_blocks[i] = (ln - 2) // 8
-        elif kind == TCPOPT_TS:
-            if ln == 10:
-                tsval[i] = _u32(buf, cur + 2)
-                tsecr[i] = _u32(buf, cur + 6)
-        cur += ln
-    return True
-
-
 @numba.njit(cache=True, nogil=True)
 def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, gen_kind, null_af6, limits,
          cols, reject):
@@ -180,13 +122,13 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                 break
             q = p + o
             have = cap - o
+            et = np.int64(-1)        # set by the link layers: the ethertype to dispatch on
             if k == K_ETH:
                 if have < 14:
                     ok = False
                     break
-                et = _u16(buf, q + 12)
+                et = ((np.int64(buf[q + 12]) << 8) | buf[q + 12 + 1])
                 o += 14
-                k = _after_ethertype(et, eth_kind, proto, i)
             elif k == K_IPV4:
                 if have < 20:
                     ok = False
@@ -196,8 +138,8 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                 if (vihl >> 4) != 4 or ihl < 20 or have < ihl:
                     ok = False
                     break
-                total = _u16(buf, q + 2)
-                frag = _u16(buf, q + 6)
+                total = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
+                frag = ((np.int64(buf[q + 6]) << 8) | buf[q + 6 + 1])
                 if (frag & 0x3FFF) != 0:          # any fragment: ipv4_fragment
                     ok = False
                     break
@@ -212,7 +154,7 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     break
                 pr = np.int64(buf[q + 9])
                 ipver[i] = 4
-                ip_id[i] = _u16(buf, q + 4)
+                ip_id[i] = ((np.int64(buf[q + 4]) << 8) | buf[q + 4 + 1])
                 ttl[i] = buf[q + 8]
                 for j in range(4):
                     src[i, j] = buf[q + 12 + j]
@@ -240,17 +182,48 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                 if plen < 0:                      # tcp_bad_length
                     ok = False
                     break
-                sport[i] = _u16(buf, q)
-                dport[i] = _u16(buf, q + 2)
-                seq[i] = _u32(buf, q + 4)
-                ack[i] = _u32(buf, q + 8)
+                sport[i] = ((np.int64(buf[q]) << 8) | buf[q + 1])
+                dport[i] = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
+                seq[i] = ((np.int64(buf[q + 4]) << 24) | (np.int64(buf[q + 4 + 1]) << 16) | (np.int64(buf[q + 4 + 2]) << 8) | buf[q + 4 + 3])
+                ack[i] = ((np.int64(buf[q + 8]) << 24) | (np.int64(buf[q + 8 + 1]) << 16) | (np.int64(buf[q + 8 + 2]) << 8) | buf[q + 8 + 3])
                 tcp_flags[i] = np.int64(buf[q + 13]) | ((b12 & 1) << 8)
-                win[i] = _u16(buf, q + 14)
+                win[i] = ((np.int64(buf[q + 14]) << 8) | buf[q + 14 + 1])
                 proto[i] = P_TCP << 16
-                if doff > 20:
-                    if not _tcp_options(buf, i, q + 20, q + doff, mss, wscale, sack_permitted, sack_blocks,
-                                        tsval, tsecr):
-                        ok = False
+                if doff > 20:                     # transport._options
+                    sack_permitted[i] = 0
+                    cur = q + 20
+                    end = q + doff
+                    for _ in range(40):
+                        if cur >= end:
+                            break
+                        okind = np.int64(buf[cur])
+                        if okind == TCPOPT_EOL:
+                            break
+                        if okind == TCPOPT_NOP:
+                            cur += 1
+                            continue
+                        ln = np.int64(buf[cur + 1]) if cur + 1 < end else np.int64(0)
+                        if ln < 2 or cur + ln > end:      # tcp_bad_option
+                            ok = False
+                            break
+                        if okind == TCPOPT_MSS:
+                            if ln == 4:
+                                mss[i] = (np.int64(buf[cur + 2]) << 8) | buf[cur + 3]
+                        elif okind == TCPOPT_WSCALE:
+                            if ln == 3:
+                                wscale[i] = buf[cur + 2]
+                        elif okind == TCPOPT_SACK_PERM:
+                            sack_permitted[i] = 1
+                        elif okind == TCPOPT_SACK:
+                            sack_blocks[i] = (ln - 2) // 8
+                        elif okind == TCPOPT_TS:
+                            if ln == 10:
+                                tsval[i] = ((np.int64(buf[cur + 2]) << 24) | (np.int64(buf[cur + 3]) << 16)
+                                            | (np.int64(buf[cur + 4]) << 8) | buf[cur + 5])
+                                tsecr[i] = ((np.int64(buf[cur + 6]) << 24) | (np.int64(buf[cur + 7]) << 16)
+                                            | (np.int64(buf[cur + 8]) << 8) | buf[cur + 9])
+                        cur += ln
+                    if not ok:
                         break
                 payload_off[i] = start
                 payload_len[i] = plen
@@ -260,9 +233,9 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                 if have < 8:
                     ok = False
                     break
-                sp = _u16(buf, q)
-                dp = _u16(buf, q + 2)
-                ulen = _u16(buf, q + 4)
+                sp = ((np.int64(buf[q]) << 8) | buf[q + 1])
+                dp = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
+                ulen = ((np.int64(buf[q + 4]) << 8) | buf[q + 4 + 1])
                 if ulen < 8 and ulen != 0:        # udp_bad_length
                     ok = False
                     break
@@ -295,7 +268,7 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     if (b0 >> 6) != 0 or have < optlen + 8:
                         ok = False
                         break
-                    ptype = _u16(buf, q + 2)
+                    ptype = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
                     nk = np.int64(gen_kind[ptype])
                     if nk == K_DONE:              # geneve_unknown_protocol
                         ok = False
@@ -333,7 +306,7 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     outer_sport[i] = sport[i]
                     outer_dport[i] = dport[i]
                 tun_type[i, dep] = tt
-                tun_vni[i, dep] = _u32(buf, q + 4) >> 8
+                tun_vni[i, dep] = ((np.int64(buf[q + 4]) << 24) | (np.int64(buf[q + 4 + 1]) << 16) | (np.int64(buf[q + 4 + 2]) << 8) | buf[q + 4 + 3]) >> 8
                 dep += 1
                 ipver[i] = 0
                 for j in range(16):
@@ -355,7 +328,7 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                 if have < 40 or (np.int64(buf[q]) >> 4) != 6:
                     ok = False
                     break
-                plen = _u16(buf, q + 4)
+                plen = ((np.int64(buf[q + 4]) << 8) | buf[q + 4 + 1])
                 start = o + 40
                 wire = max(origlen[i] - start, 0)
                 if plen > wire:                   # ipv6_length_exceeds_frame
@@ -380,11 +353,10 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     ok = False
                     break
                 if vlan[i] < 0:
-                    vlan[i] = _u16(buf, q) & 0x0FFF
-                et = _u16(buf, q + 2)
+                    vlan[i] = ((np.int64(buf[q]) << 8) | buf[q + 1]) & 0x0FFF
+                et = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
                 vtags += 1
                 o += 4
-                k = _after_ethertype(et, eth_kind, proto, i)
             elif k == K_IPV6_EXT:
                 if exts >= max_ext or have < 8 or nxt == C.IPPROTO_FRAGMENT:   # fragments: ipv6_fragment
                     ok = False
@@ -417,29 +389,28 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     if have < 16:
                         ok = False
                         break
-                    pkttype[i] = _u16(buf, q)
-                    hatype = _u16(buf, q + 2)
-                    et = _u16(buf, q + 14)
+                    pkttype[i] = ((np.int64(buf[q]) << 8) | buf[q + 1])
+                    hatype = ((np.int64(buf[q + 2]) << 8) | buf[q + 2 + 1])
+                    et = ((np.int64(buf[q + 14]) << 8) | buf[q + 14 + 1])
                     o += 16
                 else:
                     if have < 20:
                         ok = False
                         break
-                    et = _u16(buf, q)
-                    ifindex[i] = _u32(buf, q + 4)
-                    hatype = _u16(buf, q + 8)
+                    et = ((np.int64(buf[q]) << 8) | buf[q + 1])
+                    ifindex[i] = ((np.int64(buf[q + 4]) << 24) | (np.int64(buf[q + 4 + 1]) << 16) | (np.int64(buf[q + 4 + 2]) << 8) | buf[q + 4 + 3])
+                    hatype = ((np.int64(buf[q + 8]) << 8) | buf[q + 8 + 1])
                     pkttype[i] = buf[q + 10]
                     o += 20
                 if hatype == link.ARPHRD_NETLINK:
                     proto[i] = P_NETLINK << 16
                     k = K_DONE
-                else:
-                    k = _after_ethertype(et, eth_kind, proto, i)
+                    et = -1
             elif k == K_NULL or k == K_LOOP:
                 if have < 4:
                     ok = False
                     break
-                af = _u32(buf, q)
+                af = ((np.int64(buf[q]) << 24) | (np.int64(buf[q + 1]) << 16) | (np.int64(buf[q + 2]) << 8) | buf[q + 3])
                 if k == K_NULL:
                     le = (np.int64(buf[q + 3]) << 24) | (np.int64(buf[q + 2]) << 16) | (np.int64(buf[q + 1]) << 8) | np.int64(buf[q])
                     if le <= 0xFFFF:
@@ -449,8 +420,8 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
                     k = K_IPV4
                 else:
                     k = K_DONE
-                    for a in null_af6:
-                        if af == a:
+                    for j in range(null_af6.shape[0]):
+                        if af == null_af6[j]:
                             k = K_IPV6
                     if k == K_DONE:               # link_unknown_family
                         ok = False
@@ -470,6 +441,15 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
             else:                                 # a kind this walk does not know: leave it to the reference
                 ok = False
                 break
+            if et >= 0:                           # link.dispatch_ethertype
+                k = np.int64(eth_kind[et])
+                if k == K_DONE:
+                    if et == C.ETHERTYPE_ARP:
+                        proto[i] = P_ARP << 16
+                    elif et < 0x0600:
+                        proto[i] = P_LLC << 16
+                    else:
+                        proto[i] = (P_ETHERTYPE << 16) | et
         if ok:
             off[i] = o
             kind[i] = K_DONE

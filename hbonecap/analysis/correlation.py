@@ -29,6 +29,7 @@ timing and sizes (`match_keyless` is the hook a later issue deepens); clock drif
 """
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections import defaultdict
@@ -48,6 +49,7 @@ OWNER_ROLES = {"pod", "ztunnel", "waypoint", "loopback"}
 MS = 1e6
 TOL = 1_000_000            # 1 ms: timing tolerance for "after" constraints
 WINDOW = 30 * 10**9        # a downstream connection starts within 30 s of the upstream one
+MAX_CANDIDATES = 200       # nearest earlier client connections considered per stream when inferring
 
 # TCP leg events: (legs column, event name, direction 0 = client to server)
 TCP_EVENTS = (("syn", "syn", 0), ("syn_ack", "syn_ack", 1), ("data_c2s", "first_request_byte", 0),
@@ -117,8 +119,11 @@ class _Correlator:
         self._place_nodes()
         self._clock()
         self.legs = self.L.legs.set_index("leg")
-        self.legs_by_lconn: dict[int, pd.DataFrame] = {k: g for k, g in self.L.legs.groupby("lconn")}
+        self.leg_recs: dict[int, list[dict]] = defaultdict(list)
+        for rec in self.L.legs.to_dict("records"):
+            self.leg_recs[int(rec["lconn"])].append(rec)
         self.lc = self.L.lconns.set_index("lconn")
+        self._leg_times()
         self._streams()
         flows = self._match()
         return self._tables(flows)
@@ -259,20 +264,18 @@ class _Correlator:
 
     # --- streams -----------------------------------------------------------------------------------------------
     def _lconn_of(self, capture: str, client: str, server: str, t: int | None) -> int | None:
-        lc = self.L.lconns
-        cand = lc[((lc["client"] == client) & (lc["server"] == server)) | ((lc["client"] == server) &
-                                                                         (lc["server"] == client))]["lconn"]
-        if cand.empty:
-            return None
-        legs = self.L.legs
-        sub = legs[(legs["capture"] == capture) & legs["lconn"].isin(cand)]
-        if sub.empty:
-            return None
-        if len(sub) > 1 and t is not None:
-            inside = sub[(sub["first_ts"] <= t) & (sub["last_ts"] >= t)]
-            if len(inside):
-                sub = inside
-        return int(sub["lconn"].iloc[0])
+        if not hasattr(self, "_by_pair"):
+            self._by_pair: dict[frozenset, list[int]] = defaultdict(list)
+            for l, c, sv in zip(self.L.lconns["lconn"], self.L.lconns["client"], self.L.lconns["server"]):
+                self._by_pair[frozenset((c, sv))].append(int(l))
+        best = None
+        for l in self._by_pair.get(frozenset((client, server)), []):
+            for r in self.leg_recs.get(l, []):
+                if r["capture"] != capture:
+                    continue
+                if best is None or (t is not None and r["first_ts"] <= t <= r["last_ts"]):
+                    best = l
+        return best
 
     def _streams(self) -> None:
         a = self.a
@@ -359,16 +362,24 @@ class _Correlator:
                 s.times[ev][cap] = int(r.ts)
 
     # --- times -------------------------------------------------------------------------------------------------
-    def leg_time(self, lconn: int, col: str, earliest: bool = True) -> int | None:
+    def _leg_times(self) -> None:
+        """Earliest corrected time of each TCP event per logical connection, over its captures (vectorised)."""
+        lg = self.L.legs
+        self._lt: dict[str, dict[int, int]] = {}
+        if lg.empty:
+            return
+        off = lg["capture"].map(self.off).fillna(0).to_numpy(np.int64)
+        for col in ("first_ts", "syn", "syn_ack", "data_c2s", "data_s2c", "fin_c2s", "fin_s2c", "first_c2s",
+                    "first_s2c"):
+            v = lg[col].to_numpy(np.int64)
+            corr = np.where(v >= 0, v - off, np.iinfo(np.int64).max)
+            mins = pd.Series(corr).groupby(lg["lconn"].to_numpy()).min()
+            mins = mins[mins < np.iinfo(np.int64).max]
+            self._lt[col] = {int(k): int(x) for k, x in mins.items()}
+
+    def leg_time(self, lconn: int, col: str) -> int | None:
         """Earliest corrected time of a TCP event over the captures of a connection."""
-        g = self.legs_by_lconn.get(lconn)
-        if g is None:
-            return None
-        vals = [self.corr(c, t) for c, t in zip(g["capture"], g[col]) if t >= 0]
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None
-        return min(vals) if earliest else max(vals)
+        return self._lt.get(col, {}).get(lconn)
 
     def stream_time(self, s: _Stream, ev: str) -> int | None:
         vals = [self.corr(c, t) for c, t in s.times.get(ev, {}).items()]
@@ -376,10 +387,10 @@ class _Correlator:
         return min(vals) if vals else None
 
     def leg_bytes(self, lconn: int) -> tuple[int, int]:
-        g = self.legs_by_lconn.get(lconn)
-        if g is None or g.empty:
+        recs = self.leg_recs.get(lconn)
+        if not recs:
             return (0, 0)
-        return int(g["bytes_c2s"].max()), int(g["bytes_s2c"].max())
+        return max(int(r["bytes_c2s"]) for r in recs), max(int(r["bytes_s2c"]) for r in recs)
 
     def leg_request(self, lconn: int):
         """(method, path), host of the first plain HTTP/1 request on a connection, any capture."""
@@ -477,9 +488,13 @@ class _Correlator:
             deliv[k] = (l, score)
             taken.add(l)
         used_plain |= taken
-        # 4. inferred app connections for chain heads without one
+        # 4. inferred app connections for chain heads without one: candidates started before the CONNECT
         heads = [s for s in streams if s.key not in prev_stream]
         cand = []
+        starts = sorted((self.leg_time(l, "first_c2s"), l) for l in plain
+                        if l not in used_plain and self.lc.at[l, "server_port"] != 15008
+                        and self.leg_time(l, "first_c2s") is not None)
+        start_ts = [x[0] for x in starts]
         for s in heads:
             if s.key in app_of:
                 continue
@@ -488,11 +503,10 @@ class _Correlator:
                 continue
             chain = self._chain(s, next_stream)
             dsts = {x for st in chain for x in (st.info("authority"), st.info("original_dst")) if x}
-            for l in plain:
-                if l in used_plain or self.lc.at[l, "server_port"] == 15008:
-                    continue
-                syn = self.leg_time(l, "first_c2s")
-                if syn is None or syn > t + TOL or t - syn > WINDOW:
+            hi = bisect.bisect_right(start_ts, t + TOL)
+            lo = max(bisect.bisect_left(start_ts, t - WINDOW), hi - MAX_CANDIDATES)
+            for syn, l in starts[lo:hi]:
+                if l in used_plain:
                     continue
                 req, host = self.leg_request(l)
                 score = self._content_score(req, host, self.leg_bytes(l), s.request, s.host, self._sbytes(s))
@@ -596,8 +610,7 @@ class _Correlator:
         return None
 
     def _caps_of(self, lconn: int) -> list[str]:
-        g = self.legs_by_lconn.get(lconn)
-        return [] if g is None else list(g["capture"])
+        return [r["capture"] for r in self.leg_recs.get(lconn, [])]
 
     def _ztunnel_label(self, node: str | None) -> str:
         z = self._ztunnel_of_node(node)
@@ -618,11 +631,11 @@ class _Correlator:
 
     # --- ends of a hop -----------------------------------------------------------------------------------------
     def _end_lists(self, lconn: int, client_pref: list, server_pref: list) -> tuple[list[str], list[str]]:
-        g = self.legs_by_lconn.get(lconn)
-        if g is None:
+        recs = self.leg_recs.get(lconn)
+        if not recs:
             return [], []
-        caps = list(g["capture"])
-        first = {c: self.corr(c, t) for c, t in zip(g["capture"], g["first_c2s"]) if t >= 0}
+        caps = [r["capture"] for r in recs]
+        first = {r["capture"]: self.corr(r["capture"], r["first_c2s"]) for r in recs if r["first_c2s"] >= 0}
         order = sorted(first, key=lambda c: first[c])
         rest = [c for c in caps if c not in first]
         cl = [c for c in client_pref if c in caps] + order + rest
@@ -737,10 +750,10 @@ class _Correlator:
         return row
 
     def _tcp_hop(self, lconn: int, name: str, idx: int, cl_list, sv_list) -> dict:
-        g = self.legs_by_lconn[lconn]
+        recs = self.leg_recs[lconn]
         events = []
         for col, ev, d in TCP_EVENTS:
-            times = {c: int(t) for c, t in zip(g["capture"], g[col]) if t >= 0}
+            times = {r["capture"]: int(r[col]) for r in recs if r[col] >= 0}
             row = self._event_row(ev, d, times, cl_list, sv_list)
             if row:
                 events.append(row)
@@ -807,20 +820,19 @@ class _Correlator:
         }
 
     def _outcome(self, f: _Flow) -> str:
-        if f.app is not None:
-            g = self.legs_by_lconn[f.app]
-            client_end = g.sort_values("first_ts").iloc[0]
-            cap = self._owner_capture(self.lc.at[f.app, "client_ip"])
-            if cap is not None and (g["capture"] == cap).any():
-                client_end = g[g["capture"] == cap].iloc[0]
-            else:   # the capture that saw both directions best
-                client_end = g.assign(n=g["packets_c2s"].clip(upper=1) + g["packets_s2c"].clip(upper=1)) \
-                    .sort_values(["n", "packets_s2c"], ascending=False).iloc[0]
-            st = leg_state(client_end)
-            if st in ("ok", "reset", "refused", "timeout"):
-                return st
+        """The client's view: its own capture's leg, else the capture that saw most of both directions."""
+        if f.app is None:
             return "incomplete"
-        return "incomplete"
+        recs = self.leg_recs[f.app]
+        cap = self._owner_capture(self.lc.at[f.app, "client_ip"])
+        mine = [r for r in recs if r["capture"] == cap]
+        if mine:
+            client_end = mine[0]
+        else:
+            client_end = max(recs, key=lambda r: (min(r["packets_c2s"], 1) + min(r["packets_s2c"], 1),
+                                                  r["packets_s2c"]))
+        st = leg_state(client_end)
+        return st if st in ("ok", "reset", "refused", "timeout") else "incomplete"
 
     def _clock_table(self) -> pd.DataFrame:
         ci = self.a.captures

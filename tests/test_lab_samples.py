@@ -55,20 +55,39 @@ def _ns(text: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def frame_times(path: Path) -> dict[int, int]:
-    out = _tshark("-r", str(path), "-T", "fields", "-e", "frame.number", "-e", "frame.time_epoch")
-    return {int(a): _ns(b) for a, b in (line.split("\t") for line in out.splitlines() if line)}
-
-
-@functools.lru_cache(maxsize=None)
-def geneve_packets(path: Path) -> list[tuple[int, int, str]]:
-    out = _tshark("-r", str(path), "-Y", "geneve", "-T", "fields", "-e", "geneve.vni", "-e", "udp.dstport",
-                  "-e", "geneve.proto_type")
+def packets(path: Path) -> list[dict]:
+    """One tshark pass per file: time, innermost IP/TCP view, Geneve fields of every packet."""
+    fields = ["frame.number", "frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", "tcp.flags",
+              "tcp.len", "ip.id", "tcp.seq_raw", "tcp.ack_raw", "geneve.vni", "udp.dstport", "geneve.proto_type"]
+    args = ["-r", str(path), "-T", "fields", "-E", "occurrence=l"]
+    for name in fields:
+        args += ["-e", name]
     rows = []
-    for line in out.splitlines():
-        vni, port, proto = line.split("\t")
-        rows.append((int(vni, 16), int(port.split(",")[0]), proto))
+    for line in _tshark(*args).splitlines():
+        c = dict(zip(fields, line.split("\t")))
+        rows.append({"frame": int(c["frame.number"]), "ns": _ns(c["frame.time_epoch"]),
+                     "tcp": bool(c["tcp.srcport"]),
+                     "src": f"{c['ip.src']}:{c['tcp.srcport']}", "dst": f"{c['ip.dst']}:{c['tcp.dstport']}",
+                     "flags": int(c["tcp.flags"] or "0", 16), "len": int(c["tcp.len"] or 0),
+                     "seq": int(c["tcp.seq_raw"] or 0),
+                     "key": (c["ip.src"], c["ip.dst"], c["tcp.srcport"], c["tcp.dstport"], c["ip.id"],
+                             c["tcp.seq_raw"], c["tcp.ack_raw"], c["tcp.len"]),
+                     "vni": int(c["geneve.vni"], 16) if c["geneve.vni"] else None,
+                     "udp_dport": int(c["udp.dstport"]) if c["udp.dstport"] else None,
+                     "geneve_proto": c["geneve.proto_type"]})
     return rows
+
+
+def frame_times(path: Path) -> dict[int, int]:
+    return {p["frame"]: p["ns"] for p in packets(path)}
+
+
+def geneve_packets(path: Path) -> list[tuple[int, int, str]]:
+    return [(p["vni"], p["udp_dport"], p["geneve_proto"]) for p in packets(path) if p["vni"] is not None]
+
+
+def tcp_packets(path: Path) -> list[dict]:
+    return [p for p in packets(path) if p["tcp"]]
 
 
 def _as_list(value):
@@ -102,17 +121,21 @@ def http2_frames(path: Path, keylog: Path) -> list[dict]:
     return frames
 
 
-@functools.lru_cache(maxsize=None)
-def tcp_packets(path: Path) -> list[dict]:
-    out = _tshark("-r", str(path), "-Y", "tcp", "-T", "fields", "-E", "occurrence=l",
-                  "-e", "frame.time_epoch", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e", "tcp.dstport",
-                  "-e", "tcp.flags", "-e", "tcp.len", "-e", "ip.id", "-e", "tcp.seq_raw", "-e", "tcp.ack_raw")
-    rows = []
-    for line in out.splitlines():
-        t, src, dst, sport, dport, flags, length, ipid, seq, ack = line.split("\t")
-        rows.append({"ns": _ns(t), "src": f"{src}:{sport}", "dst": f"{dst}:{dport}", "flags": int(flags, 16),
-                     "len": int(length), "key": (src, dst, sport, dport, ipid, seq, ack, length)})
-    return rows
+def payload_bytes(segments: list[dict]) -> int:
+    """Distinct payload bytes of one direction (retransmitted ranges counted once)."""
+    data = [p for p in segments if p["len"] > 0]
+    if not data:
+        return 0
+    base = min(p["seq"] for p in data)  # lab transfers are far below 2**31: no wrap handling needed
+    intervals = sorted(((p["seq"] - base) % 2**32, (p["seq"] - base) % 2**32 + p["len"]) for p in data)
+    total, start, end = 0, *intervals[0]
+    for lo, hi in intervals[1:]:
+        if lo > end:
+            total += end - start
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    return total + end - start
 
 
 def _file(truth: dict, point: str) -> Path:
@@ -216,6 +239,28 @@ def test_dialect_headers(truth):
             assert "k8s.namespace.name=" in headers["baggage"]
 
 
+def test_hbone_source_address(truth):
+    """Era A: HBONE leaves from the ztunnel pod's IP; era B (spoof_source): from the client pod's IP,
+    and the replies come back to ztunnel A inside Geneve (a VNI on ztunnel A's eth0 besides the outbound one)."""
+    pods = truth["topology"]["pods"]
+    for conn, hop in _hbone_hops(truth):
+        if not hop["name"].startswith("ztunnel-a->"):
+            continue
+        source_ip = hop["client"].rsplit(":", 1)[0]
+        if truth.get("spoof_source"):
+            assert source_ip == conn["client"].rsplit(":", 1)[0], conn["id"]
+        else:
+            assert source_ip == pods["ztunnel-a"]["ip"], conn["id"]
+    if truth.get("spoof_source"):
+        hb = truth["hbone_connections"][0]
+        inbound_points = [p for p, m in truth["capture_points"].items()
+                          if m["namespace"] == "hbl-ztunnel-a" and m["interface"] == "pistioin"]
+        assert inbound_points, "era-B scenario without a capture on ztunnel A's pistioin"
+        replies = [p for p in tcp_packets(_file(truth, inbound_points[0]))
+                   if p["src"] == hb["server"] and p["dst"] == hb["client"]]
+        assert replies, "no HBONE replies to the spoofed address inside the istioin tunnel"
+
+
 def test_outcomes(truth):
     for conn in truth["connections"]:
         assert conn["outcome"] == conn["expected_outcome"], conn["id"]
@@ -233,8 +278,8 @@ def test_client_leg_on_pod_a(truth):
         s2c = [p for p in packets if p["src"] == server and p["dst"] == client]
         assert any(p["flags"] & 0x02 for p in c2s), f"{conn['id']}: no SYN {client} -> {server} at {point}"
         if truth["capture_points"][point]["format"] == "pcap":  # -i any shows each packet once per interface
-            assert sum(p["len"] for p in c2s) == conn["bytes_client_to_server"], conn["id"]
-            assert sum(p["len"] for p in s2c) == conn["bytes_server_to_client"], conn["id"]
+            assert payload_bytes(c2s) == conn["bytes_client_to_server"], conn["id"]
+            assert payload_bytes(s2c) == conn["bytes_server_to_client"], conn["id"]
         if conn["expected_outcome"] == "reset":
             assert any(p["flags"] & 0x04 for p in s2c), f"{conn['id']}: no RST from {server}"
         else:
@@ -249,9 +294,13 @@ def test_pooling(truth):
         assert len(set(hb["stream_ids"])) == len(hb["stream_ids"])
         assert all(s % 2 == 1 for s in hb["stream_ids"])  # client-initiated streams
         for point in hb["packets"]:
-            syns = [p for p in tcp_packets(_file(truth, point))
-                    if p["src"] == hb["client"] and p["dst"] == hb["server"] and p["flags"] & 0x02]
-            assert syns, f"HBONE connection {hb['client']} -> {hb['server']}: no SYN at {point}"
+            rows = tcp_packets(_file(truth, point))
+            c2s = [p for p in rows if p["src"] == hb["client"] and p["dst"] == hb["server"]]
+            s2c = [p for p in rows if p["src"] == hb["server"] and p["dst"] == hb["client"]]
+            # Tunnel devices carry one direction only: then the handshake packet of that direction.
+            assert [p for p in c2s if p["flags"] & 0x02] if c2s else [p for p in s2c if p["flags"] & 0x12 == 0x12], \
+                f"HBONE connection {hb['client']} -> {hb['server']}: no handshake at {point}"
+            assert (len(c2s), len(s2c)) == (hb["packets"][point]["packets_c2s"], hb["packets"][point]["packets_s2c"])
     opened_by_a = [hb for hb in truth["hbone_connections"] if hb["opened_by"] == "ztunnel-a"]
     # Every client connection of a scenario goes to one destination, so ztunnel A uses one pooled connection.
     assert len(opened_by_a) == 1

@@ -406,22 +406,40 @@ class Pool:
         self.conns: dict[str, list[H2Tunnel]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, target: str, expected_id: str | None) -> tuple[H2Tunnel, bool]:
-        lock = self.locks.setdefault(target, asyncio.Lock())
+    async def get(self, target: str, expected_id: str | None,
+                  source_ip: str | None = None) -> tuple[H2Tunnel, bool]:
+        """A pooled connection to target; with source_ip (era B) the connection's source address is
+        the client pod's IP (IP_TRANSPARENT) and the pool is per source workload."""
+        key = f"{source_ip}->{target}" if source_ip else target
+        lock = self.locks.setdefault(key, asyncio.Lock())
         async with lock:
-            for tunnel in self.conns.get(target, []):
+            for tunnel in self.conns.get(key, []):
                 if tunnel.has_capacity():
                     return tunnel, False
             host, port = split_hostport(target)
-            # server_hostname defaults to the IP literal: OpenSSL sends no SNI for it (as ztunnel).
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=self.ctx), CONNECT_TIMEOUT_S)
+            # server_hostname is the IP literal: OpenSSL sends no SNI for it (as ztunnel).
+            if source_ip:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((source_ip, 0))
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)),
+                                           CONNECT_TIMEOUT_S)
+                except BaseException:
+                    sock.close()
+                    raise
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(sock=sock, ssl=self.ctx, server_hostname=host), CONNECT_TIMEOUT_S)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=self.ctx, server_hostname=host), CONNECT_TIMEOUT_S)
             tunnel = H2Tunnel(reader, writer, client_side=True, log=self.log)
             if expected_id and expected_id not in tunnel.tls["peer_ids"]:
                 writer.close()
                 raise ssl.SSLError(f"peer identity {tunnel.tls['peer_ids']} is not {expected_id}")
             await tunnel.start()
-            self.conns.setdefault(target, []).append(tunnel)
+            self.conns.setdefault(key, []).append(tunnel)
             return tunnel, True
 
     async def close_all(self) -> None:
@@ -484,7 +502,8 @@ class Proxy:
         rec = {"client": addr(client), "original_dst": orig, "backend": backend, "hbone_target": target,
                "via_waypoint": waypoint, "request_headers": headers, "accepted_ns": accepted}
         try:
-            tunnel, new = await self.pool.get(target, expected)
+            tunnel, new = await self.pool.get(target, expected,
+                                              client[0] if self.cfg.get("spoof_source") else None)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             rec.update(outcome="hbone_connect_failed", error=repr(exc), end_ns=now_ns())
             self.log.write("client_conn", **rec)

@@ -122,6 +122,22 @@ SCENARIOS: dict[str, dict] = {
         "steps": [[req("10.96.0.20:80", "/")], [req("10.96.0.20:80", "/bytes/5000")]],
         "waypoint": True,
     },
+    "era-b-spoof": {
+        "description": "era B (Istio 1.18-1.20) cross-node HBONE: ztunnel A's HBONE connection uses the "
+                       "client pod's IP as source (IP_TRANSPARENT); node B's replies reach ztunnel A "
+                       "through node A's istioin tunnel (VNI 1000); three requests, two concurrent; "
+                       "Rust-ztunnel headers",
+        "dialect": "rust",
+        "spoof_source": True,
+        "steps": [[req("10.96.0.10:80", "/bytes/1500")],
+                  [req("10.96.0.10:80", "/bytes/2500"), req("10.96.0.10:80", "/bytes/3500")]],
+        "extra_points": [
+            ("node-a-istioin", "node-a", "istioin", "node A Geneve device istioin: inner frames of the HBONE "
+             "replies to the spoofed client-pod address (VNI 1000)"),
+            ("ztunnel-a-pistioin", "ztunnel-a", "pistioin", "ztunnel A Geneve device pistioin: the same at "
+             "the ztunnel end, delivered to the transparent HBONE socket")],
+        "geneve_vnis": {"ztunnel-a-eth0": [topo.VNI_IN, topo.VNI_OUT]},
+    },
     "clock-offset": {
         "description": "four sequential requests; after capture every node-B file (node-b-*, "
                        "ztunnel-b-*, pod-b-*) is shifted with editcap -t by a known offset, as if node "
@@ -232,6 +248,8 @@ class ScenarioRun:
         points = list(CAPTURE_POINTS)
         if self.spec.get("waypoint"):
             points.insert(6, WAYPOINT_POINT)
+        for i, extra in enumerate(self.spec.get("extra_points", [])):
+            points.insert(4 + i, extra)
         return points
 
     def start_daemon(self, name: str, netns: str, argv: list[str]):
@@ -272,7 +290,8 @@ class ScenarioRun:
             wp = self.start_daemon("waypoint", "waypoint", [PYTHON, str(HERE / "hbone_proxy.py"), str(
                 self.proxy_config("waypoint", "waypoint", listen_port=15008, transparent=False))])
         zt_a = self.start_daemon("ztunnel-a", "ztunnel-a", [PYTHON, str(HERE / "hbone_proxy.py"), str(
-            self.proxy_config("ztunnel-outbound", "ztunnel-a", listen_port=15001, transparent=True))])
+            self.proxy_config("ztunnel-outbound", "ztunnel-a", listen_port=15001, transparent=True,
+                              spoof_source=bool(self.spec.get("spoof_source"))))])
 
         # Captures: one tcpdump per capture point, started before any traffic.
         dumps = []
@@ -337,7 +356,8 @@ class ScenarioRun:
         for point, netns, iface, sees in self.capture_points():
             raw = self.work / f"{point}.raw.pcap"
             entry = {"namespace": topo.ns(netns), "node": node_of(netns), "interface": iface, "sees": sees,
-                     "geneve_vnis": (ANY_VNIS if self.spec.get("any") else GENEVE_VNIS).get(point, []),
+                     "geneve_vnis": {**(ANY_VNIS if self.spec.get("any") else GENEVE_VNIS),
+                                     **self.spec.get("geneve_vnis", {})}.get(point, []),
                      "clock_offset_ns": 0, "tcpdump": stats.get(point, []), "truncation": None}
             if self.spec.get("any"):
                 ifnames = interface_names(netns)
@@ -419,6 +439,8 @@ def main() -> int:
         # One uncaptured pass over every Service warms ARP and OVS tunnel neighbour caches, so the
         # scenarios do not start with a lost first SYN (as on a cluster that has been running).
         ScenarioRun("warmup", WARMUP, procs, workdir, pkis, workdir).run(capture=False)
+        ScenarioRun("warmup-spoof", dict(WARMUP, spoof_source=True, steps=[[req("10.96.0.10:80", "/")]]),
+                    procs, workdir, pkis, workdir).run(capture=False)
         for name in names:
             ScenarioRun(name, SCENARIOS[name], procs, workdir, pkis, args.out).run()
         status = 0

@@ -10,8 +10,10 @@ Addresses (all inside the lab namespaces)::
 
     pod-a       eth0 10.244.1.5/32  gw 10.244.1.1            client "sleep"
     node-a      eth0 172.18.0.2/16 (underlay), vethpoda 10.244.1.1/32,
-                hbl-bz 10.244.1.1/24 (OVS bridge, port vethzta), istioout 192.168.127.1/30
-    ztunnel-a   eth0 (OVS port of bridge hbl-br0 10.244.1.3/24), pistioout 192.168.127.2/30
+                hbl-bz 10.244.1.1/24 (OVS bridge, port vethzta), istioout 192.168.127.1/30,
+                istioin 192.168.126.1/30
+    ztunnel-a   eth0 (OVS port of bridge hbl-br0 10.244.1.3/24), pistioout 192.168.127.2/30,
+                pistioin 192.168.126.2/30
     node-b      eth0 172.18.0.3/16, vethpodb / vethwp 10.244.2.1/32,
                 hbl-bz 10.244.2.1/24 (port vethztb), istioin 192.168.126.1/30
     ztunnel-b   eth0 (OVS port of hbl-br0 10.244.2.3/24), pistioin 192.168.126.2/30
@@ -224,10 +226,13 @@ class Topology:
             inst = OvsInstance(name, self.workdir)
             self.ovs[name] = inst
             inst.start()
-        self.tunnel_pair("node-a", "vethzta", NODE_A_POD_GW, "istioout", "192.168.127.1",
-                         "ztunnel-a", ZTUNNEL_A, "pistioout", "192.168.127.2", VNI_OUT)
-        self.tunnel_pair("node-b", "vethztb", NODE_B_POD_GW, "istioin", "192.168.126.1",
-                         "ztunnel-b", ZTUNNEL_B, "pistioin", "192.168.126.2", VNI_IN)
+        # Node A has both tunnels (istioin carries the replies of era-B spoofed HBONE back to
+        # ztunnel A); node B needs only istioin in these scenarios.
+        self.node_ztunnel_link("node-a", "vethzta", NODE_A_POD_GW, "ztunnel-a", ZTUNNEL_A, [
+            ("istioout", "192.168.127.1", "pistioout", "192.168.127.2", VNI_OUT),
+            ("istioin", "192.168.126.1", "pistioin", "192.168.126.2", VNI_IN)])
+        self.node_ztunnel_link("node-b", "vethztb", NODE_B_POD_GW, "ztunnel-b", ZTUNNEL_B, [
+            ("istioin", "192.168.126.1", "pistioin", "192.168.126.2", VNI_IN)])
 
         # Node A: outbound redirection of the ambient pod's traffic into istioout.
         self.nft("node-a", """
@@ -235,11 +240,15 @@ table ip hbl_ambient {
   chain prerouting {
     type filter hook prerouting priority mangle; policy accept;
     iifname "vethpoda" ip saddr 10.244.1.5 ip daddr != 10.244.1.0/24 meta mark set mark | 0x100
+    iifname "eth0" ip daddr 10.244.1.5 meta mark set mark | 0x200
   }
 }""")
         nsrun("node-a", "ip", "rule", "add", "fwmark", "0x100/0x100", "lookup", "101", "priority", "100")
         nsrun("node-a", "ip", "route", "add", "default", "via", "192.168.127.2", "dev", "istioout",
               "table", "101")
+        nsrun("node-a", "ip", "rule", "add", "fwmark", "0x200/0x200", "lookup", "102", "priority", "101")
+        nsrun("node-a", "ip", "route", "add", "default", "via", "192.168.126.2", "dev", "istioin",
+              "table", "102")
         # Node B: inbound redirection of traffic to the ambient pod into istioin
         # (not for ztunnel-b's own connections to the pod).
         self.nft("node-b", """
@@ -253,13 +262,19 @@ table ip hbl_ambient {
         nsrun("node-b", "ip", "route", "add", "default", "via", "192.168.126.2", "dev", "istioin",
               "table", "102")
         # ztunnels: TPROXY from the tunnel devices to the proxy ports.
-        for zt, dev, rule in (("ztunnel-a", "pistioout", "meta l4proto tcp tproxy to :15001"),
-                              ("ztunnel-b", "pistioin", "tcp dport 15008 tproxy to :15008")):
+        # ztunnel A also hands packets arriving on pistioin to its own transparent sockets
+        # (replies to era-B HBONE connections whose source was the client pod's IP).
+        for zt, rules in (("ztunnel-a", ['iifname "pistioout" meta l4proto tcp tproxy to :15001',
+                                         'iifname "pistioin" meta l4proto tcp socket transparent 1',
+                                         'iifname "pistioin" tcp dport 15008 tproxy to :15008']),
+                          ("ztunnel-b", ['iifname "pistioin" meta l4proto tcp socket transparent 1',
+                                         'iifname "pistioin" tcp dport 15008 tproxy to :15008'])):
+            body = "\n".join(f"    {rule} meta mark set 0x400 accept" for rule in rules)
             self.nft(zt, f"""
 table ip hbl_tproxy {{
   chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
-    iifname "{dev}" {rule} meta mark set 0x400 accept
+{body}
   }}
 }}""")
             nsrun(zt, "ip", "rule", "add", "fwmark", "0x400/0x400", "lookup", "100", "priority", "100")
@@ -291,35 +306,41 @@ table ip hbl_tproxy {{
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
                 if line.split(":")[1].strip() not in ("lo", "ovs-netdev")]
 
-    def tunnel_pair(self, node: str, node_port: str, node_ip: str, node_dev: str, node_tun_ip: str,
-                    zt: str, zt_ip: str, zt_dev: str, zt_tun_ip: str, vni: int) -> None:
-        """Geneve between a node and its ztunnel pod, both ends OVS userspace tunnels.
+    def underlay_bridge(self, owner: str, phys: str, local_ip: str) -> None:
+        """OVS bridge holding the namespace's address towards the node/ztunnel link, with the veth
+        as uplink: OVS native tunnelling sends outer packets through a bridge like this one."""
+        ovs = self.ovs[owner]
+        under = "hbl-bz" if owner.startswith("node") else "hbl-br0"
+        ip4 = [int(x) for x in local_ip.split(".")]
+        ovs.vsctl("add-br", under, "--", "set", "bridge", under, "datapath_type=netdev",
+                  "other-config:hwaddr=02:00:%02x:%02x:%02x:%02x" % tuple(ip4),
+                  "--", "add-port", under, phys,
+                  "--", "set", "interface", under, "mtu_request=1500")
+        # The veth enslaved to OVS (af_packet) must not answer ARP for the bridge's address.
+        nsrun(owner, "sysctl", "-qw", f"net.ipv4.conf.{phys}.arp_ignore=8")
+        self.addr(owner, under, f"{local_ip}/24")
 
-        node: bridge hbl-bz (internal port = node's address towards the ztunnel, physical port =
-        the veth to the ztunnel pod); bridge <node_dev> (internal port istioin/istioout carrying
-        the /30, Geneve port to the ztunnel). ztunnel: bridge hbl-br0 (the pod address, physical
-        port eth0) and bridge <zt_dev> (pistioin/pistioout, Geneve port back to the node).
-        """
-        for owner, phys, local_ip, dev, tun_ip, remote, mac_tail in (
-                (node, node_port, node_ip, node_dev, node_tun_ip, zt_ip, "01"),
-                (zt, "eth0", zt_ip, zt_dev, zt_tun_ip, node_ip, "02")):
-            ovs = self.ovs[owner]
-            under = "hbl-bz" if owner == node else "hbl-br0"
-            ip4 = [int(x) for x in local_ip.split(".")]
-            ovs.vsctl("add-br", under, "--", "set", "bridge", under, "datapath_type=netdev",
-                      "other-config:hwaddr=02:00:%02x:%02x:%02x:%02x" % tuple(ip4),
-                      "--", "add-port", under, phys,
-                      "--", "set", "interface", under, "mtu_request=1500")
-            ovs.vsctl("add-br", dev, "--", "set", "bridge", dev, "datapath_type=netdev",
-                      f"other-config:hwaddr=02:00:{vni >> 8:02x}:{vni & 0xff:02x}:00:{mac_tail}",
-                      "--", "set", "interface", dev, "mtu_request=1500",
-                      "--", "add-port", dev, f"{dev}-gnv",
-                      "--", "set", "interface", f"{dev}-gnv", "type=geneve",
-                      f"options:remote_ip={remote}", f"options:key={vni}")
-            # The veth enslaved to OVS (af_packet) must not answer ARP for the bridge's address.
-            nsrun(owner, "sysctl", "-qw", f"net.ipv4.conf.{phys}.arp_ignore=8")
-            self.addr(owner, under, f"{local_ip}/24")
-            self.addr(owner, dev, f"{tun_ip}/30")
+    def tunnel_end(self, owner: str, dev: str, tun_ip: str, remote: str, vni: int, mac_tail: str) -> None:
+        """A Geneve device: OVS bridge <dev> (internal port = the device with the /30 address)
+        whose only other port is a Geneve tunnel port to <remote> with key <vni>."""
+        self.ovs[owner].vsctl(
+            "add-br", dev, "--", "set", "bridge", dev, "datapath_type=netdev",
+            f"other-config:hwaddr=02:00:{vni >> 8:02x}:{vni & 0xff:02x}:00:{mac_tail}",
+            "--", "set", "interface", dev, "mtu_request=1500",
+            "--", "add-port", dev, f"{dev}-gnv",
+            "--", "set", "interface", f"{dev}-gnv", "type=geneve",
+            f"options:remote_ip={remote}", f"options:key={vni}")
+        self.addr(owner, dev, f"{tun_ip}/30")
+
+    def node_ztunnel_link(self, node: str, node_port: str, node_ip: str, zt: str, zt_ip: str,
+                          tunnels: list[tuple[str, str, str, str, int]]) -> None:
+        """node <-> ztunnel pod: underlay bridges on both sides, then each Geneve pair
+        (node_dev, node_tun_ip, zt_dev, zt_tun_ip, vni)."""
+        self.underlay_bridge(node, node_port, node_ip)
+        self.underlay_bridge(zt, "eth0", zt_ip)
+        for node_dev, node_tun_ip, zt_dev, zt_tun_ip, vni in tunnels:
+            self.tunnel_end(node, node_dev, node_tun_ip, zt_ip, vni, "01")
+            self.tunnel_end(zt, zt_dev, zt_tun_ip, node_ip, vni, "02")
         # The node answers ARP for its pods towards the ztunnel (replies from ztunnel's
         # transparent sockets leave through eth0 as plain IP).
         nsrun(node, "sysctl", "-qw", "net.ipv4.conf.hbl-bz.proxy_arp=1")

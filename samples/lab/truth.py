@@ -10,6 +10,7 @@ Two sources, kept apart and named in the file:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import json
 import subprocess
@@ -176,8 +177,11 @@ def build(run, points: dict, started: int, ended: int) -> dict:
     servers = {r["peer"]: r for r in server_log}
 
     keylog = run.out / "keylog.txt"
-    packets = {name: tshark_packets(run.out / p["file"]) for name, p in points.items()}
-    h2frames = {name: tshark_http2(run.out / p["file"], keylog) for name, p in points.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        packet_jobs = {name: pool.submit(tshark_packets, run.out / p["file"]) for name, p in points.items()}
+        h2_jobs = {name: pool.submit(tshark_http2, run.out / p["file"], keylog) for name, p in points.items()}
+        packets = {name: job.result() for name, job in packet_jobs.items()}
+        h2frames = {name: job.result() for name, job in h2_jobs.items()}
     for name, p in points.items():
         p["packets"] = len(packets[name])
         p["decrypted_http2_frames"] = len(h2frames[name])
@@ -285,6 +289,7 @@ def build(run, points: dict, started: int, ended: int) -> dict:
         "scenario": run.name,
         "description": run.spec["description"],
         "dialect": run.spec["dialect"],
+        "spoof_source": bool(run.spec.get("spoof_source")),
         "generated_by": "samples/lab/lab.py",
         "run": {"start": stamp(started), "end": stamp(ended), "tools": tool_versions()},
         "keylog": "keylog.txt",

@@ -390,7 +390,10 @@ class _Stack:
             elif isinstance(e, Anomaly):
                 ctx.anomaly(e)
             elif isinstance(e, TlsAlert):
-                pass
+                if e.level == 2 or e.description not in (0, 90):
+                    # a fatal alert is evidence (mTLS refused, unknown CA...): keep it
+                    ctx.anomaly(Anomaly("tls", "tls_alert", f"dir {e.direction}: "
+                                                            f"{'fatal' if e.level == 2 else 'warning'} {e.name}"))
 
     # -- HTTP/2 and HBONE -------------------------------------------------------------------------------------------
     def _h2_events(self, events: list) -> None:

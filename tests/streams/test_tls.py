@@ -138,6 +138,21 @@ def test_tls13_suites_with_key_update(suite):
     assert not [e for e in ev if isinstance(e, Anomaly)]
 
 
+def test_encrypted_fatal_alert_is_seen():
+    from hbonecap.streams.tls.session import TlsAlert
+
+    wire, c, s, keylog, *_ = session_bytes(0x1301, key_update=False)
+    # the server's next application-key record (sequence 6) is a fatal bad_certificate alert
+    h = SUITES[0x1301][2]
+    sats = bytes.fromhex([ln.split()[2] for ln in keylog.splitlines() if ln.startswith("SERVER_TRAFFIC")][0])
+    prot = Protect(0x1301, sats)
+    prot.seq = 6
+    t = TlsSession(KeyLog.parse(keylog))
+    ev = feed_all(t, wire + [(1, prot.record(21, b"\x02\x2a"))])
+    alerts = [e for e in ev if isinstance(e, TlsAlert)]
+    assert [(a.level, a.name) for a in alerts] == [(2, "bad_certificate")] and h
+
+
 def test_whole_byte_by_byte_and_junk_same_events():
     wire, c, s, keylog, want_c, want_s = session_bytes(0x1302)
     whole = feed_all(TlsSession(KeyLog.parse(keylog)), wire)

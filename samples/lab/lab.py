@@ -429,8 +429,9 @@ def main() -> int:
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # Also SIGINT explicitly: a shell starting the lab in the background may have set it to ignore.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     status = 1
     try:
         pkis = pki.make_pki(workdir / "pki", IDENTITIES)

@@ -127,6 +127,22 @@ def test_find_frame_start():
     assert find_frame_start(b"\xff\xff\xff" + data) == 3
 
 
+def test_dynamic_table_size_updates_and_large_tables():
+    enc = hpack.Encoder()
+    conn = Http2Connection()
+    feed(conn, 0, PREFACE)
+    got = []
+    blocks = [[("x-a", "1" * 100)], [("x-a", "1" * 100), ("x-b", "2")]]
+    for i, size in enumerate((4096, 64, 0, 65536, 4096)):
+        enc.header_table_size = size          # the encoder announces a size update in its next block
+        hs = blocks[i % 2]
+        ev = feed(conn, 0, frame(1, 5, 2 * i + 1, enc.encode(hs)))
+        got += [(e.headers, e.exact) for e in ev if isinstance(e, H2Headers)]
+        assert not [e for e in ev if isinstance(e, Anomaly)], ev
+    assert [h for h, _ in got] == [[(k.encode(), v.encode()) for k, v in blocks[i % 2]] for i in range(5)]
+    assert all(exact for _, exact in got)
+
+
 def _stories():
     root = CONFORMANCE / "http2jp_hpack-test-case"
     if not root.is_dir():

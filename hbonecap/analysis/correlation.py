@@ -93,6 +93,7 @@ class _Flow:
     app: int | None = None                   # lconn of the client's connection
     streams: list = field(default_factory=list)
     delivery: int | None = None              # lconn of the destination ztunnel's connection to the server
+    tunnel: int | None = None                # lconn of an HBONE connection tied without keys (no stream seen)
     match: str = "exact"
     confidence: float = 1.0
     reasons: list = field(default_factory=list)
@@ -101,6 +102,7 @@ class _Flow:
 class _Correlator:
     def __init__(self, a) -> None:
         self.a = a
+        self._tcp_by_lconn = None
         self.anoms: list[dict] = []
 
     # ------------------------------------------------------------------------------------------------------------
@@ -366,6 +368,7 @@ class _Correlator:
         """Earliest corrected time of each TCP event per logical connection, over its captures (vectorised)."""
         lg = self.L.legs
         self._lt: dict[str, dict[int, int]] = {}
+        self._lt_last: dict[int, int] = {}
         if lg.empty:
             return
         off = lg["capture"].map(self.off).fillna(0).to_numpy(np.int64)
@@ -376,6 +379,8 @@ class _Correlator:
             mins = pd.Series(corr).groupby(lg["lconn"].to_numpy()).min()
             mins = mins[mins < np.iinfo(np.int64).max]
             self._lt[col] = {int(k): int(x) for k, x in mins.items()}
+        last = pd.Series(lg["last_ts"].to_numpy(np.int64) - off).groupby(lg["lconn"].to_numpy()).max()
+        self._lt_last = {int(k): int(x) for k, x in last.items()}
 
     def leg_time(self, lconn: int, col: str) -> int | None:
         """Earliest corrected time of a TCP event over the captures of a connection."""
@@ -541,6 +546,12 @@ class _Correlator:
             if not exact:
                 f.confidence = min(f.confidence, 0.7)
             flows.append(f)
+        # 5. without keys: client connection -> HBONE connection -> server connection, by timing and content
+        streamed = {st.lconn for st in streams}
+        for a_l, t_l, d_l, conf, why in self.match_keyless([l for l in plain if l not in used_plain],
+                                                           sorted(self.tunnel_lconns - streamed)):
+            used_plain |= {a_l, d_l}
+            flows.append(_Flow(app=a_l, delivery=d_l, tunnel=t_l, match="inferred", confidence=conf, reasons=[why]))
         for l in plain:
             if l in used_plain:
                 continue
@@ -548,6 +559,65 @@ class _Correlator:
         # a flow with no app connection starts at its stream; keep flows in time order
         flows.sort(key=lambda f: self._flow_start(f) or 0)
         return flows
+
+    def match_keyless(self, plain: list[int], tunnels: list[int]) -> list[tuple[int, int, int, float, str]]:
+        """Tie client connections to server connections through an HBONE connection that could not be decrypted.
+
+        A client connection A (seen by a ztunnel whose address, or A's own when spoofed, is the HBONE client), an
+        HBONE connection T open at the time, and a connection D to T's server address starting after A: scored by
+        the plaintext HTTP/1 request line on A and D, their byte counts each way, and the delay from A to D.
+        Returns (A, T, D, confidence, reason). The hook a later issue deepens (TLS record sizes and timing).
+        """
+        if not tunnels or len(plain) < 2:
+            return []
+        by_client_ip: dict[str, list[int]] = defaultdict(list)
+        for t in tunnels:
+            by_client_ip[self.lc.at[t, "client_ip"]].append(t)
+        by_server_ip: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for d in plain:
+            td = self.leg_time(d, "first_c2s")
+            if td is not None:
+                by_server_ip[self.lc.at[d, "server_ip"]].append((td, d))
+        for v in by_server_ip.values():
+            v.sort()
+        cand = []
+        for a_l in plain:
+            ta = self.leg_time(a_l, "first_c2s")
+            if ta is None:
+                continue
+            src_ips = {self.lc.at[a_l, "client_ip"]} | {self.owner[c] for c in self._caps_of(a_l)
+                                                          if self.role.get(c) == "ztunnel" and c in self.owner}
+            for ip in src_ips:
+                for t in by_client_ip.get(ip, []):
+                    t_first, t_last = self.leg_time(t, "first_ts"), self._lt_last.get(t)
+                    lst = by_server_ip.get(self.lc.at[t, "server_ip"], [])
+                    keys = [x[0] for x in lst]
+                    lo = bisect.bisect_left(keys, ta - TOL)
+                    hi = min(bisect.bisect_right(keys, ta + WINDOW), lo + MAX_CANDIDATES)
+                    for td, d in lst[lo:hi]:
+                        if d == a_l or t_first is None or t_first > td + TOL or (t_last is not None and
+                                                                                 t_last < td - TOL):
+                            continue
+                        ra, ha = self.leg_request(a_l)
+                        rd, hd = self.leg_request(d)
+                        score = self._content_score(ra, ha, self.leg_bytes(a_l), rd, hd, self.leg_bytes(d))
+                        cand.append((score, td - ta, a_l, t, d))
+        best_score: dict[int, list[int]] = defaultdict(list)
+        for score, dt, a_l, t, d in cand:
+            best_score[a_l].append(score)
+        out, used_a, used_d = [], set(), set()
+        for score, dt, a_l, t, d in sorted(cand, key=lambda x: (-x[0], x[1])):
+            if a_l in used_a or d in used_d or a_l in used_d or d in used_a:
+                continue
+            used_a.add(a_l)
+            used_d.add(d)
+            conf = min(0.8, 0.3 + 0.1 * max(score, 0))
+            if sorted(best_score[a_l], reverse=True)[1:2] == [score]:
+                conf *= 0.7       # another server connection fits as well
+            why = "keyless: " + ("request line and sizes" if score >= 3 else "sizes and timing" if score > 0
+                                 else "timing")
+            out.append((a_l, t, d, round(conf, 3), why))
+        return out
 
     @staticmethod
     def _chain(s: _Stream, next_stream) -> list[_Stream]:
@@ -684,6 +754,11 @@ class _Correlator:
                 zpref = [zc] if zc else []
                 zn = self._ztunnel_of_node(client_node, f.app)
                 zpref += [zn] if zn else []
+            elif f.tunnel is not None:
+                zc = self._owner_capture(self.lc.at[f.tunnel, "client_ip"])
+                src_z_label = self._label_of_capture(zc) if zc else self._ztunnel_label(client_node)
+                server_label = src_z_label
+                zpref = [zc] if zc else []
             else:
                 server_label = self.lc.at[f.app, "server"]
                 zpref = []
@@ -691,6 +766,8 @@ class _Correlator:
             cl_list, sv_list = self._end_lists(f.app, [ccap] if ccap else [], zpref)
             hops.append(self._tcp_hop(f.app, f"{cl_label} -> {server_label}", 0, cl_list, sv_list))
         prev_label = src_z_label
+        if f.tunnel is not None:
+            hops.append(self._keyless_hop(f, len(hops)))
         for j, s in enumerate(f.streams):
             cip = s.client.rsplit(":", 1)[0]
             if j == 0 and prev_label is None:
@@ -729,6 +806,53 @@ class _Correlator:
             cl_list, sv_list = self._end_lists(d, cpref, [scap] if scap else [])
             hops.append(self._tcp_hop(d, f"{clabel} -> {slabel}", len(hops), cl_list, sv_list))
         return hops
+
+    def _keyless_hop(self, f: _Flow, idx: int) -> dict:
+        """The HBONE hop of a flow tied without keys. Its events are the TCP segments of the HBONE connection
+        that first follow the matching events of the plain legs: connect (first client-to-server data after the
+        client's SYN), connect_response (first data back after the server connection's SYN-ACK),
+        first_request_byte and first_response_byte likewise. Inferred; concurrent streams can blur them."""
+        t = f.tunnel
+        lc = self.lc.loc[t]
+        zc = self._owner_capture(lc["client_ip"])
+        clabel = self._label_of_capture(zc) if zc else self._ztunnel_label(
+            self._endpoint_label(self.lc.at[f.app, "client"])[1])
+        slabel, snode = self._endpoint_label(lc["server"], hbone=True)
+        dnode = self._endpoint_label(self.lc.at[f.delivery, "server"])[1] if f.delivery is not None else None
+        spref = [z for z in (self._ztunnel_of_node(snode, t), self._ztunnel_of_node(dnode, t)) if z]
+        cl_list, sv_list = self._end_lists(t, [zc] if zc else [], spref)
+        if self._tcp_by_lconn is None:
+            tcp = self.L.tcp[self.L.tcp["lconn"].isin([x for x in self.tunnel_lconns])].copy()
+            tcp["fl"] = tcp["flags"] & 0x07
+            tcp = tcp.sort_values("ts", kind="stable")
+            self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}
+        pk = self._tcp_by_lconn.get(t)
+        events = []
+        anchors = (("connect", 0, f.app, "syn"), ("connect_response", 1, f.delivery, "syn_ack"),
+                   ("first_request_byte", 0, f.app, "data_c2s"), ("first_response_byte", 1, f.delivery, "data_s2c"))
+        if pk is not None and cl_list and sv_list:
+            key = ["dir", "seq", "ack", "tsval", "fl"]
+            for ev, d, leg, col in anchors:
+                after = self.leg_time(leg, col) if leg is not None else None
+                if after is None:
+                    continue
+                src_list = cl_list if d == 0 else sv_list
+                src = src_list[0]
+                sc = self.cap_index[src]
+                cands = pk[(pk["cap"] == sc) & (pk["dir"] == d) & (pk["plen"] > 0) &
+                           (pk["ts"] - self.off.get(src, 0) >= after)]
+                if cands.empty:
+                    continue
+                first = cands.iloc[0]
+                same = pk[(pk[key] == first[key]).all(axis=1)].drop_duplicates("cap")
+                times = {self.caps[int(c)]: int(ts) for c, ts in zip(same["cap"], same["ts"])}
+                row = self._event_row(ev, d, times, cl_list, sv_list)
+                if row:
+                    events.append(row)
+        return {"hop": f"{clabel} -> {slabel}", "hop_index": idx, "kind": "hbone",
+                "connection": f"{lc['client']} > {lc['server']}", "tunnel_ids": None, "stream_id": None,
+                "events": events, "lconn": t, "server_label": slabel,
+                "server_capture": sv_list[0] if sv_list else None, "client_capture": cl_list[0] if cl_list else None}
 
     def _pick(self, times: dict[str, int], src_list, dst_list):
         src = next((c for c in src_list if c in times), None)
@@ -808,7 +932,10 @@ class _Correlator:
         return {
             "flow_id": fid, "client": client, "original_dst": original_dst, "dst_pod": dst_pod,
             "hops": len(hops), "path": " | ".join(h["hop"] for h in hops),
-            "hbone_client": first_s.client if first_s else None, "hbone_server": first_s.server if first_s else None,
+            "hbone_client": first_s.client if first_s else (self.lc.at[f.tunnel, "client"] if f.tunnel is not None
+                                                             else None),
+            "hbone_server": first_s.server if first_s else (self.lc.at[f.tunnel, "server"] if f.tunnel is not None
+                                                             else None),
             "stream_id": first_s.stream_id if first_s else None,
             "tunnel_ids": " | ".join(h["tunnel_ids"] or "" for h in hb) or None,
             "stream_ids": ";".join(str(h["stream_id"]) for h in hb) or None,

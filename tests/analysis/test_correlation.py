@@ -214,3 +214,35 @@ def test_correlate_empty_analysis():
     r = correlate(hbonecap.Analysis())
     for name in ("flows", "hops", "clock", "latency", "anomalies"):
         assert r[name].empty and list(r[name].columns) == tables.columns(name)
+
+
+# --- without keys ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _load_keyless(scenario: str):
+    d = SAMPLES / scenario
+    truth = json.loads((d / "truth.json").read_text())
+    a = hbonecap.analyze(str(d))
+    return truth, a, correlate(a)
+
+
+@pytest.mark.parametrize("name", ["sequential", "concurrent", "clock-offset", "bulk"])
+def test_keyless_flows_inferred(name):
+    """No key log: the client connection, the HBONE connection and the server connection are still tied, by the
+    plaintext request lines, sizes and timing, and say so (match 'inferred', confidence below 1)."""
+    if not (SAMPLES / name / "truth.json").exists():
+        pytest.skip(f"lab scenario {name!r} not found")
+    truth, _, r = _load_keyless(name)
+    flows, hops = r["flows"], r["hops"]
+    for c in truth["connections"]:
+        f = _flow_of(flows, c["client"])
+        assert len(f) == 1, c["id"]
+        f = f.iloc[0]
+        assert f["match"] == "inferred" and 0 < f["confidence"] < 1, c["id"]
+        assert f["original_dst"] == c["original_dst"], c["id"]
+        hb = [h for h in c["hops"] if h["kind"] == "hbone"]
+        assert f["hbone_client"] == hb[0]["client"], c["id"]
+        last = c["hops"][-1]
+        if last["kind"] == "tcp":
+            mine = hops[(hops["flow_id"] == f["flow_id"]) & (hops["kind"] == "tcp")].sort_values("hop_index")
+            assert mine["connection"].iloc[-1] == f"{last['client']} > {last['server']}", c["id"]
+    assert (hops["latency_ms"].dropna() >= -0.05).all()

@@ -87,3 +87,65 @@ def _node_of(node: str | None) -> str | None:
         return None
     kind, _, rest = node.partition("-")
     return f"node-{rest}" if kind in ("node", "ztunnel") and rest else None
+
+
+def parse_manifest(text: str, fmt: str = "toml") -> dict[str, Point]:
+    """Capture-point assignments from a small manifest, TOML or YAML, in either of two shapes:
+
+    ```toml
+    [points]                                  # FILE = "ROLE[@NODE]"
+    "node-a-eth0.pcap" = "node@node-a"
+
+    [[capture]]                               # or one table per capture
+    file = "mystery.pcapng"
+    role = "ztunnel"
+    node = "node-b"
+    ```
+    YAML: the same keys (`points:` mapping, or `capture:` list). Returns {file name: Point}.
+    """
+    from hbonecap.errors import ManifestError
+
+    fmt = fmt.lower().lstrip(".")
+    try:
+        if fmt == "toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif fmt in ("yaml", "yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ManifestError("YAML manifests need PyYAML (pip install pyyaml); TOML works without it") from e
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ManifestError(f"manifest format {fmt!r}: expected toml or yaml")
+    except ManifestError:
+        raise
+    except Exception as e:   # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise ManifestError(f"manifest is not valid {fmt}: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError("manifest: expected a table/mapping at the top level")
+    out: dict[str, Point] = {}
+    for name, spec in (data.get("points") or {}).items():
+        if not isinstance(spec, str):
+            raise ManifestError(f"manifest points.{name}: expected 'ROLE[@NODE]'")
+        file, pt = parse_point(f"{name}={spec}")
+        out[file] = Point(pt.role, pt.node, "manifest")
+    for i, entry in enumerate(data.get("capture") or []):
+        if not isinstance(entry, dict) or "file" not in entry or "role" not in entry:
+            raise ManifestError(f"manifest capture #{i + 1}: needs 'file' and 'role'")
+        spec = f"{entry['file']}={entry['role']}" + (f"@{entry['node']}" if entry.get("node") else "")
+        file, pt = parse_point(spec)
+        out[file] = Point(pt.role, pt.node, "manifest")
+    unknown = set(data) - {"points", "capture"}
+    if unknown:
+        raise ManifestError(f"manifest: unknown keys {sorted(unknown)} (expected 'points' or 'capture')")
+    return out
+
+
+def load_manifest(path) -> dict[str, Point]:
+    """`parse_manifest` on a file; the format follows the suffix (.toml, .yaml, .yml)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return parse_manifest(p.read_text(encoding="utf-8"), p.suffix or "toml")

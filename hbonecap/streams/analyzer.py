@@ -36,7 +36,7 @@ from ..config import DEFAULT_CONFIG, HBONE_PORT
 from ..layers.segments import TcpSegment
 from . import hbone as hb
 from .anomalies import Anomaly
-from .http2.connection import H2Data, H2GoAway, H2Headers, H2Reset, Http2Connection
+from .http2.connection import H2Data, H2DataGap, H2GoAway, H2Headers, H2Reset, Http2Connection
 from .http2.frames import PREFACE, find_frame_start
 from .http2.frames import plausible as h2_plausible
 from .inner import proxy_v2
@@ -412,7 +412,7 @@ class _Stack:
                                  for k, v in e.headers]})
                 else:
                     ctx.header_log_dropped += 1
-            if isinstance(e, (H2Headers, H2Data, H2Reset, H2GoAway)):
+            if isinstance(e, (H2Headers, H2Data, H2Reset, H2GoAway, H2DataGap)):
                 for t in self.hbone.feed(e):
                     self._tunnel_event(t)
 
@@ -432,6 +432,13 @@ class _Stack:
                     ctx, self.conn, f"{self.sid}/s{t.stream_id}", self.depth + 1, stream.midstream,
                     owner=(self.sid, t.stream_id, stream))
             child.data(t.direction, t.data)
+        elif isinstance(t, hb.TunnelGap):
+            tb = ctx.results.tunnel_bytes.get((self.sid, t.stream_id))
+            if tb is not None:
+                tb[t.direction].gaps += 1
+            child = self.children.get(t.stream_id)
+            if child is not None:
+                child.gap(t.direction, t.length)
         elif isinstance(t, hb.TunnelClosed):
             child = self.children.get(t.stream_id)
             if child is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .anomalies import Anomaly
-from .http2.connection import H2Data, H2GoAway, H2Headers, H2Reset
+from .http2.connection import H2Data, H2DataGap, H2GoAway, H2Headers, H2Reset
 from .http2.frames import error_name
 from .timeline import Timed
 
@@ -108,6 +108,13 @@ class TunnelBytes:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelGap:
+    stream_id: int
+    direction: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelClosed:
     stream_id: int
     direction: int      # the direction that ended (-1: both, e.g. RST_STREAM)
@@ -158,6 +165,9 @@ class HboneObserver:
                 out.append(TunnelBytes(sid, d, ev.data))
             if ev.end_stream:
                 self._half_close(s, d, ev.ts_ns, out)
+        elif isinstance(ev, H2DataGap):
+            if ev.stream_id in self.streams:
+                out.append(TunnelGap(ev.stream_id, ev.direction, ev.length))
         elif isinstance(ev, H2Reset):
             s = self.streams.get(ev.stream_id)
             if s is not None and s.end_reason is None:

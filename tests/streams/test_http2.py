@@ -190,3 +190,42 @@ def test_truncated_and_junk_valid_stream(cut, junk):
     feed(conn, 0, c2s[:cut] + junk)
     feed(conn, 1, s2c[cut:])
     conn.close()
+
+
+def test_large_data_frames_stream_in_chunks_with_same_bytes():
+    big = bytes(range(256)) * 1024  # 256 KiB in one DATA frame
+    c2s = PREFACE + frame(0, 1, 1, big)
+    for step in (len(c2s), 5000, 1):
+        if step == 1:
+            c2s_small = c2s[:20_000]  # one byte at a time is slow: a prefix is enough to check chunking
+            conn = Http2Connection()
+            ev = []
+            for i in range(len(c2s_small)):
+                ev += feed(conn, 0, c2s_small[i:i + 1])
+            data = b"".join(e.data.data for e in ev if isinstance(e, H2Data))
+            assert data == big[:len(c2s_small) - len(PREFACE) - 9]
+            assert len(conn.readers[0].buf) == 0
+            continue
+        conn = Http2Connection()
+        ev = []
+        for i in range(0, len(c2s), step):
+            ev += feed(conn, 0, c2s[i:i + step])
+        datas = [e for e in ev if isinstance(e, H2Data)]
+        assert b"".join(e.data.data for e in datas) == big
+        assert [e.end_stream for e in datas][-1] and not any(e.end_stream for e in datas[:-1])
+        assert len(conn.readers[0].buf) <= step
+
+
+def test_gap_inside_large_data_frame_keeps_frame_sync():
+    from hbonecap.streams.http2.connection import H2DataGap
+
+    big = b"z" * 200_000
+    c2s = PREFACE + frame(0, 0, 1, big) + frame(0, 1, 1, b"tail")
+    conn = Http2Connection()
+    cut = len(PREFACE) + 9 + 50_000
+    ev = feed(conn, 0, c2s[:cut]) + conn.gap(0, 1000) + feed(conn, 0, c2s[cut + 1000:])
+    assert [e.length for e in ev if isinstance(e, H2DataGap)] == [1000]
+    datas = [e for e in ev if isinstance(e, H2Data)]
+    assert datas[-1].data.data == b"tail" and datas[-1].end_stream
+    assert sum(len(e.data.data) for e in datas) == 200_000 - 1000 + 4
+    assert not [e for e in ev if isinstance(e, Anomaly)]

@@ -7,7 +7,8 @@ Strategy
   * Passive: no SETTINGS are acknowledged, no flow control is enforced, a violation never closes anything
     (contrast `h2.H2Connection`, which acts as an endpoint). Violations become anomalies.
   * ``feed(direction, Timed) -> events``, ``gap(direction, n) -> events``, ``close() -> events``. Events are
-    `H2Headers`, `H2Data`, `H2Reset`, `H2GoAway`, `H2Control` (any other frame) and `Anomaly`.
+    `H2Headers`, `H2Data` (a DATA frame, or part of a large one), `H2DataGap`, `H2Reset`, `H2GoAway`, `H2Control`
+    (any other frame) and `Anomaly`.
   * A header block is decoded when its last frame (END_HEADERS) arrives; every block is decoded, in order, so the
     dynamic table stays right. A block interrupted by another frame, or lost in a gap, desynchronises that
     direction's HPACK context (reported; see `headers.py` for the recovery).
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 from ..anomalies import Anomaly
 from ..timeline import Timed
 from .frames import (CONTINUATION, DATA, FLAG_END_HEADERS, FLAG_END_STREAM, GOAWAY, HEADERS, PUSH_PROMISE,
-                     RST_STREAM, U32, U32x2, Frame, FrameReader, LostSync, Resync, error_name, strip_padding)
+                     RST_STREAM, U32, U32x2, DataChunk, DataGap, Frame, FrameReader, LostSync, Resync, error_name,
+                     strip_padding)
 from .headers import HeaderDecoder
 
 MAX_HEADER_BLOCK = 1 << 20
@@ -49,6 +51,15 @@ class H2Data:
     data: Timed
     end_stream: bool
     ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class H2DataGap:
+    """Bytes of a DATA payload missing from the capture (cleartext HTTP/2 only; the frame layer stayed in step)."""
+
+    direction: int
+    stream_id: int
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +129,15 @@ class Http2Connection:
                 self._frame(d, ev, out)
             elif isinstance(ev, LostSync):
                 out += self._lose_block(d, f"dir {d}: HTTP/2 sync lost at offset {ev.offset} ({ev.reason})")
+            elif isinstance(ev, DataChunk):
+                if self.block[d] is not None:
+                    out.append(Anomaly("http2", "http2_continuation_interrupted",
+                                       f"dir {d}: header block of stream {self.block[d][1]} interrupted by DATA"))
+                    out += self._lose_block(d, f"dir {d}: header block of stream {self.block[d][1]} lost")
+                out.append(H2Data(d, ev.stream_id, ev.payload, bool(ev.final and ev.flags & FLAG_END_STREAM),
+                                  ev.payload.ts_last))
+            elif isinstance(ev, DataGap):
+                out.append(H2DataGap(d, ev.stream_id, ev.length))
             elif isinstance(ev, Resync):
                 pass
             else:

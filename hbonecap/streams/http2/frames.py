@@ -10,6 +10,8 @@ Strategy
     times of its bytes), at the time of its last byte.
   * Nothing an endpoint would reject stops the reader: frames above SETTINGS_MAX_FRAME_SIZE, bad stream ids,
     bad padding are passed on and reported (`http2_bad_padding`, `http2_frame_size`...).
+  * DATA frames longer than `STREAM_DATA_OVER` are passed on in chunks (`DataChunk`) as their bytes arrive, so a
+    1 MiB frame is never buffered whole; a TCP gap inside such a payload is a `DataGap`, not a loss of sync.
   * Lost sync is explicit: after a gap, or when the direction starts mid-connection (no preface where one is
     expected), the reader reports `http2_lost_sync` and scans for a position where consecutive frame headers
     are plausible (`find_frame_start`), reports `http2_resync` with the bytes skipped, and goes on.
@@ -46,6 +48,8 @@ U32x2 = struct.Struct(">II")
 SETTING = struct.Struct(">HI")
 
 MAX_FRAME = (1 << 24) - 1
+#: DATA frames longer than this are passed on in chunks as their bytes arrive.
+STREAM_DATA_OVER = 64 * 1024
 RESYNC_WINDOW = 256 * 1024
 # Flags each known type may carry (for plausibility when resynchronising).
 _VALID_FLAGS = (0x09, 0x2D, 0x00, 0x00, 0x01, 0x0C, 0x01, 0x00, 0x00, 0x04)
@@ -69,6 +73,26 @@ class Frame:
     @property
     def name(self) -> str:
         return FRAME_NAMES[self.type] if self.type < len(FRAME_NAMES) else f"0x{self.type:02x}"
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Part of a large unpadded DATA frame, passed on before the frame is complete (bounded buffering)."""
+
+    stream_id: int
+    flags: int               # END_STREAM only on the final chunk
+    payload: Timed
+    final: bool
+    offset: int              # stream offset of the frame header
+
+
+@dataclass(frozen=True, slots=True)
+class DataGap:
+    """Bytes missing inside a streamed DATA payload: the tunnelled stream has a hole, the frame layer is in step."""
+
+    stream_id: int
+    length: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +210,8 @@ class FrameReader:
         self.frames = 0
         self.scan_pos = 0
         self.need = 0            # buffered bytes needed before the frame under way is complete
+        self.data_left = 0       # state 'data': payload bytes of the streamed DATA frame still to come
+        self.data_frame = (0, 0, 0)
 
     def feed(self, piece: Timed) -> list:
         self.buf.append_timed(piece)
@@ -201,10 +227,19 @@ class FrameReader:
         self.scan_pos = 0
         if self.state == "lost":
             return []
+        if self.state == "data" and length and length <= self.data_left and not len(self.buf):
+            # the hole is inside a streamed DATA payload: the frame layer stays in step
+            self.data_left -= length
+            if not self.data_left:
+                self.state = "frames"
+            return [DataGap(self.data_frame[1], length, off)]
         self.state = "lost"
         return [LostSync(off, "gap"), Anomaly("http2", "http2_lost_sync", f"{length} bytes missing at offset {off}")]
 
     def close(self) -> list:
+        if self.state == "data":
+            return [Anomaly("http2", "http2_truncated_frame", f"DATA frame of stream {self.data_frame[1]} ended "
+                                                               f"{self.data_left} bytes early (end of the stream)")]
         if len(self.buf) and self.state == "frames":
             return [Anomaly("http2", "http2_truncated_frame", f"{len(self.buf)} bytes of an unfinished frame at the "
                                                                f"end of the stream (offset {self.buf.start})")]
@@ -215,6 +250,17 @@ class FrameReader:
         self.need = 0
         buf = self.buf
         for _ in range(1 << 20):  # bound: each pass consumes bytes or returns
+            if self.state == "data":
+                if not len(buf):
+                    return out
+                chunk = buf.take(min(len(buf), self.data_left))
+                self.data_left -= len(chunk.data)
+                flags, sid, offset = self.data_frame
+                final = not self.data_left
+                out.append(DataChunk(sid, flags if final else flags & ~FLAG_END_STREAM, chunk, final, offset))
+                if final:
+                    self.state = "frames"
+                continue
             if self.state == "preface":
                 n = min(len(buf), len(PREFACE))
                 if buf.buf[:n] != PREFACE[:n]:
@@ -266,6 +312,13 @@ class FrameReader:
                 buf.skip(1)
                 continue
             if len(buf) < 9 + length:
+                if ftype == DATA and length > STREAM_DATA_OVER and not flags & FLAG_PADDED:
+                    # a large DATA frame (ztunnel sends up to 1 MiB): pass its payload on as it arrives
+                    self.data_left, self.data_frame = length, (flags, sid, buf.start)
+                    buf.skip(9)
+                    self.state = "data"
+                    self.frames += 1
+                    continue
                 self.need = 9 + length
                 return out
             offset = buf.start

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "Analysis", "__version__"]
+__all__ = ["analyze", "load", "Analysis", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("analyze", "Analysis"):
+    if name in ("analyze", "load", "Analysis"):
         from hbonecap import api
 
         return getattr(api, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +49,12 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
+CAPTURE_NAME = re.compile(r"\.(pcapng|pcap|cap|dmp)(\d+)?(\.gz)?$", re.I)
+
+
 def _looks_like_capture(name: str) -> bool:
-    low = name.lower()
-    return low.endswith(CAPTURE_SUFFIXES) or any(low.rsplit(".", 1)[-1].startswith(s.strip(".")) and
-                                                 low.rsplit(".", 1)[-1][len(s) - 1:].isdigit()
-                                                 for s in (".pcap", ".pcapng"))
+    """Capture files in a directory: *.pcap, *.pcapng, *.cap, rotated *.pcap1 ..., and their .gz forms."""
+    return bool(CAPTURE_NAME.search(name))
 
 
 @dataclass
@@ -70,9 +72,10 @@ class CaptureResult:
     streams_detail: object = field(default=None, repr=False)   # StreamResults (tunnel bytes, record timelines)
 
 
-def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
+def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
                     name: str | None = None, keylog=None, streams: bool = True) -> CaptureResult:
-    """Decode one capture and derive its per-capture tables. Raises CaptureError for a file that is not one.
+    """Decode one capture point (a file, or its rotated files in order) and derive its per-capture tables.
+    Raises CaptureError for a file that is not a capture.
 
     keylog: a `KeyLog` (not modified); TLS secrets embedded in the capture (pcapng DSBs) are added to a copy.
     streams: run the stream stages (TCP reassembly, TLS, HTTP/2, HBONE) over the TCP segments.
@@ -98,7 +101,7 @@ def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Poi
         while used_secrets < len(found):
             analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
             used_secrets += 1
-        for seg in segments_of_batch(reader.info.name, batch, ctx):
+        for seg in segments_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
             analyzer.feed(seg)
 
     dec = decode_capture(path, config, name=name, on_batch=feed if analyzer is not None else None)
@@ -119,7 +122,7 @@ def analyze_capture(path: str, config: DecodeConfig = DEFAULT_CONFIG, point: Poi
         point = guess_point(info.name, ifnames, vnis, set(), ports)
     ts = pk["ts"].dropna() if len(pk) else pd.Series([], dtype=tables.TS)
     row = {
-        "capture": [info.name], "path": [str(path)], "format": [info.format], "link_types": [",".join(link_types)],
+        "capture": [info.name], "path": [info.path], "format": [info.format], "link_types": [",".join(link_types)],
         "interfaces": [",".join(ifnames)], "packets": [len(pk)], "bytes": [int(pk["caplen"].sum()) if len(pk) else 0],
         "first_ts": [ts.min() if len(ts) else pd.NaT], "last_ts": [ts.max() if len(ts) else pd.NaT],
         "snaplen": [max((i.snaplen for i in info.interfaces), default=0)],
@@ -180,15 +183,32 @@ class Analysis:
         return tables.describe(name)
 
     def save(self, directory: str | os.PathLike, format: str = "parquet") -> list[Path]:
-        """Write every table to `directory` as Parquet or CSV; returns the files written."""
+        """Write every table to `directory`: Parquet (the packets table as a dataset partitioned by capture) or
+        CSV, plus `hbonecap.json` describing them; `hbonecap.load(directory)` reads it back."""
+        import json
+
+        import hbonecap
+
+        if format not in ("parquet", "csv"):
+            raise HbonecapError(f"unknown format {format!r} (parquet or csv)")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         written = []
         for name in self.TABLES:
             df = self.table(name)
-            f = d / f"{name}.{'parquet' if format == 'parquet' else 'csv'}"
-            write_table(df, f, format)
+            if name == "packets" and format == "parquet":
+                f = d / "packets"
+                if f.exists():
+                    import shutil
+
+                    shutil.rmtree(f)
+                _write_partitioned(df, f)
+            else:
+                f = d / f"{name}.{format}"
+                write_table(df, f, format)
             written.append(f)
+        manifest = {"hbonecap": hbonecap.__version__, "format": format, "tables": list(self.TABLES)}
+        (d / "hbonecap.json").write_text(json.dumps(manifest, indent=1))
         return written
 
     def plot_latency(self, ax=None, **kw):
@@ -214,6 +234,70 @@ class Analysis:
         return f"<hbonecap.Analysis {parts}>"
 
 
+def _write_partitioned(df, path: Path) -> None:
+    """The packets table as a Parquet dataset partitioned by capture (a Dask DataFrame is written by its workers)."""
+    if hasattr(df, "to_delayed"):      # dask.dataframe: categories differ per partition, write them as strings
+        cats = [c.name for c in tables.SCHEMAS["packets"] if c.dtype == "category"]
+        as_text = df.map_partitions(lambda p: p.astype({c: "string" for c in cats}),
+                                    meta=tables.empty("packets").astype({c: "string" for c in cats}))
+        as_text.to_parquet(str(path), partition_on=["capture"], write_index=False)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = df.copy()
+    out["capture"] = out["capture"].astype(str)
+    pq.write_to_dataset(pa.Table.from_pandas(out, preserve_index=False), root_path=str(path),
+                        partition_cols=["capture"])
+
+
+def load(directory: str | os.PathLike) -> "Analysis":
+    """Read an analysis written by `Analysis.save` (or `hbonecap correlate -o DIR`) without decoding again."""
+    import json
+
+    d = Path(directory)
+    mf = d / "hbonecap.json"
+    if not mf.exists():
+        raise HbonecapError(f"{d}: no hbonecap.json here (write one with Analysis.save or correlate -o)")
+    manifest = json.loads(mf.read_text())
+    fmt = manifest.get("format", "parquet")
+    frames = {}
+    for name in manifest.get("tables", Analysis.TABLES):
+        if name not in tables.SCHEMAS:
+            continue
+        f = d / (name if (name == "packets" and fmt == "parquet") else f"{name}.{fmt}")
+        if not f.exists():
+            frames[name] = tables.empty(name)
+            continue
+        df = pd.read_parquet(f) if fmt == "parquet" else pd.read_csv(f, keep_default_na=True)
+        frames[name] = _restore(name, df)
+    return Analysis(**frames)
+
+
+def _restore(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Declared dtypes (and dict columns from JSON text) for a table read back from disk."""
+    import json
+
+    if not len(df):
+        return tables.empty(name)
+    data = {}
+    for c in tables.SCHEMAS[name]:
+        if c.name not in df.columns:
+            continue
+        v = df[c.name]
+        if c.dtype == "object":
+            v = v.map(lambda x: json.loads(x) if isinstance(x, str) and x[:1] in "{[" else x)
+        elif c.dtype == tables.TS:
+            v = pd.to_datetime(v, utc=True, format="ISO8601") if v.dtype == object or str(v.dtype).startswith(("str", "string")) else v
+        elif c.dtype == "category":
+            v = v.astype(object).where(v.notna(), None)
+        data[c.name] = v.reset_index(drop=True)
+    out = tables.frame(name, data)
+    if name == "packets":
+        out = out.sort_values(["capture", "index"], kind="stable").reset_index(drop=True)
+    return out
+
+
 def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
     out = df.copy()
     for c in out.columns:
@@ -230,64 +314,178 @@ def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
 
 
 def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[str, str] | None = None,
-            config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, on_error: str = "raise",
-            streams: bool = True, correlate: bool = True,
+            config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, scheduler=None, engine: str = "pandas",
+            on_error: str = "raise", streams: bool = True, correlate: bool = True,
             progress: Callable[[str, int, int], None] | None = None) -> Analysis:
     """Analyse captures.
 
-    paths: files, globs or directories. keylog: an NSS key log file (TLS secrets embedded in pcapng files are
-    used too). points: {file name: "ROLE[@NODE]"} overrides the capture-point guess. jobs: processes to use
-    (None: one per core). on_error: "raise" (a file that is not a capture raises CaptureError) or "report"
-    (it becomes an anomaly row and the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE
-    (False: packets and connections only). correlate: tie connections across captures into flows, hops,
-    clock offsets and latency (needs streams).
+    paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
+    `tcpdump -G`: time-stamped names) are one capture, read in order. keylog: an NSS key log file (TLS secrets
+    embedded in pcapng files are used too). points: {file name: "ROLE[@NODE]"} overrides the capture-point guess.
+    jobs: local processes, one capture point each (None: one per core). scheduler: a Dask scheduler address
+    ("tcp://host:8786") or a `dask.distributed.Client`: one task per capture point on the cluster (retried if a
+    worker dies). engine: "pandas", or "dask" to keep the packets table as a Dask DataFrame on the cluster.
+    on_error: "raise" (a file that is not a capture raises CaptureError) or "report" (it becomes an anomaly row and
+    the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE (False: packets and
+    connections only). correlate: tie connections across captures into flows, hops, clock offsets and latency.
     """
     from hbonecap.capture.points import parse_point
 
+    if engine not in ("pandas", "dask"):
+        raise HbonecapError(f"engine must be pandas or dask, not {engine!r}")
+    if engine == "dask" and scheduler is None:
+        raise HbonecapError("engine='dask' needs a scheduler (a Dask scheduler address or Client)")
     files = expand_paths(paths)
     if not files:
         raise HbonecapError("no capture files given")
     kl = None
     keylog_anomalies: list[tuple] = []
     if keylog is not None:
-        from hbonecap.streams.tls.keylog import load
+        from hbonecap.streams.tls.keylog import load as load_keylog
 
-        kl = load(keylog)
+        kl = load_keylog(keylog)
         keylog_anomalies = [tuple(a.row(kl.name)[c] for c in ("capture", "index", "layer", "kind", "detail"))
                             for a in kl.anomalies]
     assigned: dict[str, Point] = {}
     for k, v in (points or {}).items():
         name, pt = parse_point(f"{k}={v}")
         assigned[os.path.basename(name)] = pt
+    groups = group_rotated(files)
+    names = _unique_names([g[0] for g in groups])
+    args = []
+    for base, members in groups:
+        pt = assigned.get(os.path.basename(base)) or assigned.get(base) or \
+            next((assigned[os.path.basename(m)] for m in members if os.path.basename(m) in assigned), None)
+        args.append((members if len(members) > 1 else members[0], config, pt, names[base], kl, streams))
     results: list[CaptureResult] = []
     errors: list[tuple] = []
-    jobs = os.cpu_count() or 1 if jobs is None else max(1, jobs)
-    names = _unique_names(files)
-    args = [(f, config, assigned.get(os.path.basename(f)) or assigned.get(f), names[f], kl, streams) for f in files]
-    if jobs > 1 and len(files) > 1:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(files))) as ex:
-            futures = [ex.submit(_safe_analyze, *a) for a in args]
+    labels = [g[0] for g in groups]
+    remote_packets = None
+    if scheduler is not None:
+        outcomes, remote_packets = _run_dask(scheduler, args, labels, progress, keep_packets=engine == "dask")
+    elif (jobs := (os.cpu_count() or 1) if jobs is None else max(1, jobs)) > 1 and len(args) > 1:
+        outcomes = []
+        with ProcessPoolExecutor(max_workers=min(jobs, len(args))) as ex:
+            futures = [ex.submit(_safe_analyze, *x) for x in args]
             for i, fut in enumerate(futures):
-                res, err = fut.result()
-                _collect(res, err, results, errors, on_error)
+                outcomes.append(fut.result())
                 if progress:
-                    progress(files[i], i + 1, len(files))
+                    progress(labels[i], i + 1, len(args))
     else:
-        for i, a in enumerate(args):
-            res, err = _safe_analyze(*a)
-            _collect(res, err, results, errors, on_error)
+        outcomes = []
+        for i, x in enumerate(args):
+            outcomes.append(_safe_analyze(*x))
             if progress:
-                progress(files[i], i + 1, len(files))
+                progress(labels[i], i + 1, len(args))
+    for res, err in outcomes:
+        _collect(res, err, results, errors, on_error)
     a = _assemble(results, errors + keylog_anomalies)
+    if remote_packets is not None:
+        # the packets stay on the cluster; correlation gets the TCP rows and the columns it reads, computed there
+        a.packets = remote_packets
+        local = remote_packets[remote_packets["proto"] == "tcp"].compute() if streams and correlate else None
     if streams and correlate:
         from hbonecap.analysis.correlation import correlate as correlate_captures
 
+        if remote_packets is not None:
+            a.packets = tables.concat("packets", [local.reset_index(drop=True)])
         found = correlate_captures(a)
+        if remote_packets is not None:
+            a.packets = remote_packets
         for name in ("flows", "hops", "clock", "latency"):
             setattr(a, name, found.get(name, tables.empty(name)))
         if len(found.get("anomalies", ())):
             a.anomalies = tables.concat("anomalies", [a.anomalies, found["anomalies"]])
     return a
+
+
+ROTATED_C = re.compile(r"^(?P<base>.+\.(?:pcapng|pcap|cap))(?P<n>\d+)(?P<gz>\.gz)?$", re.I)
+ROTATED_G = re.compile(r"^(?P<base>.+?)[-_.](?P<ts>\d{8}[-_T]?\d{4,6}|\d{4}-\d{2}-\d{2}[T_-]\d{2}[:.-]?\d{2}"
+                       r"(?:[:.-]?\d{2})?|\d{10})(?P<ext>\.(?:pcapng|pcap|cap)(?:\.gz)?)$", re.I)
+
+
+def group_rotated(files: list[str]) -> list[tuple[str, list[str]]]:
+    """Group the rotated files of one capture point: (point path, files in order), in first-seen order.
+
+    `tcpdump -C` writes x.pcap, x.pcap1, x.pcap2 ... (numbered in order); `tcpdump -G` with a strftime pattern
+    writes time-stamped names (x-20261122-041300.pcap, x.2026-11-22_04:13:00.pcap, x-1795320782.pcap), ordered by
+    their time stamps. A lone time-stamped file keeps its own name."""
+    keyed: dict[str, list[tuple[tuple, str]]] = {}
+    order: list[str] = []
+    for f in files:
+        d, n = os.path.split(f)
+        m = ROTATED_C.match(n)
+        if m:
+            base, key = os.path.join(d, m.group("base") + (m.group("gz") or "")), (int(m.group("n")),)
+        elif (m := ROTATED_G.match(n)) is not None:
+            base, key = os.path.join(d, m.group("base") + m.group("ext")), (0, re.sub(r"\D", "", m.group("ts")))
+        else:
+            base, key = f, (-1,)
+        if base not in keyed:
+            keyed[base] = []
+            order.append(base)
+        keyed[base].append((key, f))
+    out = []
+    for base in order:
+        members = [f for _, f in sorted(keyed[base], key=lambda kv: (kv[0][0], kv[0][1:]))]
+        if len(members) == 1 and members[0] != base and not ROTATED_C.match(os.path.basename(members[0])):
+            base = members[0]          # a lone time-stamped file is its own point
+        out.append((base, members))
+    return out
+
+
+def _client(scheduler):
+    try:
+        from dask.distributed import Client
+    except ImportError as e:
+        raise HbonecapError("a Dask scheduler needs the dask extra: pip install 'hbonecap[dask]'") from e
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    try:
+        return Client(scheduler, timeout="8s"), True
+    except (OSError, TimeoutError) as e:
+        raise HbonecapError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from e
+
+
+def _run_dask(scheduler, args: list[tuple], labels: list[str], progress, keep_packets: bool = False):
+    """One task per capture point on a Dask cluster; a task whose worker dies is retried by Dask.
+
+    With keep_packets, each capture's packets table stays in the cluster's memory (a Dask DataFrame with one
+    partition per capture point is returned beside the results); only the other tables travel back."""
+    client, owned = _client(scheduler)
+    from dask.distributed import as_completed
+
+    try:
+        futures = [client.submit(_safe_analyze, *x, key=f"hbonecap-capture-{i}-{os.path.basename(labels[i])}",
+                                 pure=False, retries=3) for i, x in enumerate(args)]
+        remote = None
+        if keep_packets:
+            import dask.dataframe as dd
+
+            parts = [client.submit(_packets_of, f, pure=False, retries=3) for f in futures]
+            futures = [client.submit(_without_packets, f, pure=False, retries=3) for f in futures]
+            remote = dd.from_delayed(parts, meta=tables.empty("packets"), verify_meta=False)
+        done = 0
+        for _ in as_completed(futures):
+            done += 1
+            if progress:
+                progress(labels[min(done, len(labels)) - 1], done, len(futures))
+        return client.gather(futures), remote
+    finally:
+        if owned and not keep_packets:
+            client.close()
+
+
+def _packets_of(outcome):
+    res, _err = outcome
+    return res.packets if res is not None else tables.empty("packets")
+
+
+def _without_packets(outcome):
+    import dataclasses
+
+    res, err = outcome     # never mutate: _packets_of may read the same object on the same worker
+    return (dataclasses.replace(res, packets=tables.empty("packets")) if res is not None else None), err
 
 
 def _unique_names(files: list[str]) -> dict[str, str]:

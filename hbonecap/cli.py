@@ -56,7 +56,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
-                  quiet: bool = False, streams: bool = True):
+                  quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas"):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -68,7 +68,8 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
         mapping[name] = rhs
     try:
         if quiet or not sys.stderr.isatty():
-            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams)
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
+                                    scheduler=scheduler, engine=engine)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -77,7 +78,8 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
             def step(path, done, total):
                 prog.update(task, total=total, completed=done, description=f"read {Path(path).name}")
 
-            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams, progress=step)
+            return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
+                                    scheduler=scheduler, engine=engine, progress=step)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -198,12 +200,17 @@ def correlate(
     fmt: OutFormat = typer.Option(OutFormat.parquet, "--format", "-f", help="parquet or csv for -o."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Directory to write latency plots to (PNG and SVG)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tcp://host:8786 "
+                                            "(needs pip install 'hbonecap[dask]')."),
+    engine: str = typer.Option("pandas", "--engine", help="pandas, or dask: keep the packets table on the cluster."),
 ) -> None:
-    """Analyse a capture set: capture points, connections, HBONE tunnels and streams, anomalies."""
+    """Analyse a capture set: capture points, clock offsets, flows, latency per hop, HBONE tunnels, anomalies."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs)
+    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine)
     cap = a.captures[["capture", "format", "role", "node", "packets", "first_ts", "last_ts", "anomalies", "role_reason"]]
+    if len(a.captures) and a.captures["path"].str.contains(";", regex=False).any():
+        cap = cap.assign(files=a.captures["path"].str.count(";") + 1)
     print_table(cap, "captures and roles")
     if len(a.clock):
         print_table(a.clock, "clock offsets", 50, DISPLAY_COLUMNS["clock"])

@@ -136,21 +136,35 @@ class PacketColumns:
 
     def __init__(self, name: str, info: CaptureInfo) -> None:
         self.name = name
-        self.info = info
+        self.infos = [info]          # one per file of the capture point (rotated files)
+        self.file_no = 0
+        self.index_offset = 0        # frame numbers continue across the files of one point
+        self.last_index = 0
         self.addr = Interner(_address)
         self.proto = Interner(_proto)
         self.encap = Interner(_encap)
-        self.iface = Interner(lambda i: self.info.interfaces[i].name if 0 <= i < len(self.info.interfaces) else None)
+        self.iface = Interner(lambda i: getattr(self._interface(i), "name", None))
         self.link = Interner(self._link_name)
         self.parts: dict[str, list[np.ndarray]] = {}
         self.comments: dict[int, str] = {}
         self.anomalies: list[tuple] = []
 
-    def _link_name(self, i: int) -> str | None:
-        if not 0 <= i < len(self.info.interfaces):
+    def next_file(self, info: CaptureInfo) -> None:
+        """The next rotated file of the same capture point."""
+        self.infos.append(info)
+        self.file_no += 1
+        self.index_offset = self.last_index
+
+    def _interface(self, key: int):
+        f, i = divmod(key, 1 << 20)
+        ifaces = self.infos[f].interfaces if 0 <= f < len(self.infos) else []
+        return ifaces[i] if 0 <= i < len(ifaces) else None
+
+    def _link_name(self, key: int) -> str | None:
+        iface = self._interface(key)
+        if iface is None:
             return None
-        lt = self.info.interfaces[i].link_type
-        return LINKTYPE_NAMES.get(lt, f"linktype:{lt}")
+        return LINKTYPE_NAMES.get(iface.link_type, f"linktype:{iface.link_type}")
 
     def _add(self, col: str, arr: np.ndarray) -> None:
         self.parts.setdefault(col, []).append(arr)
@@ -159,11 +173,13 @@ class PacketColumns:
         n = len(batch)
         if n == 0:
             return
-        numbers = batch.frame_numbers()
+        numbers = batch.frame_numbers() + self.index_offset
+        self.last_index = max(self.last_index, int(numbers[-1]))
         self._add("index", numbers)
         self._add("ts", batch.ts_ns)
-        self._add("interface", self.iface.encode(batch.iface.astype(np.int64)))
-        self._add("link_type", self.link.encode(batch.iface.astype(np.int64)))
+        ikey = batch.iface.astype(np.int64) + (self.file_no << 20)
+        self._add("interface", self.iface.encode(ikey))
+        self._add("link_type", self.link.encode(ikey))
         self._add("src", self.addr.encode(_addr_keys(ctx.ipver, ctx.src)))
         self._add("dst", self.addr.encode(_addr_keys(ctx.ipver, ctx.dst)))
         self._add("outer_src", self.addr.encode(_addr_keys(ctx.outer_ipver, ctx.outer_src)))
@@ -256,26 +272,50 @@ def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:
                        {k - lo: v for k, v in b.pkt_flags.items() if lo <= k < hi}, numbers)
 
 
-def decode_capture(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
+def decode_capture(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
                    on_batch: Callable[[CaptureReader, RecordBatch, DecodeContext], None] | None = None
                    ) -> CaptureDecode:
-    """Decode one capture file completely. `on_batch(reader, batch, ctx)` sees every decoded batch while its
-    buffer is valid (the stream stages take their TCP segments there)."""
-    reader = CaptureReader(path, config, name=name)
-    cols = PacketColumns(reader.info.name, reader.info)
-    for batch in reader:
-        link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
-        for lo in range(0, len(batch), config.batch_packets):
-            part = _slice(batch, lo, lo + config.batch_packets)
-            ctx = decode_batch(part, link_types, config)
-            cols.add(part, ctx, reader.info)
-            if on_batch is not None:
-                on_batch(reader, part, ctx)
-    info = reader.info
-    rows = [(info.name, i, layer, kind, detail) for i, layer, kind, detail in info.anomalies] + \
-           [(info.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]
-    anomalies = anomalies_frame(rows)
-    return CaptureDecode(info=info, packets=cols.packets(), anomalies=anomalies)
+    """Decode one capture point completely: a file, or the rotated files of one point in order (frame numbers
+    continue from file to file). `on_batch(reader, batch, ctx)` sees every decoded batch while its buffer is
+    valid (the stream stages take their TCP segments there); `reader.index_offset` is what to add to the
+    batch's frame numbers."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    cols = None
+    infos: list[CaptureInfo] = []
+    rows: list[tuple] = []
+    for p in paths:
+        reader = CaptureReader(p, config, name=name)
+        if cols is None:
+            cols = PacketColumns(reader.info.name, reader.info)
+        else:
+            cols.next_file(reader.info)
+        reader.index_offset = cols.index_offset
+        for batch in reader:
+            link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
+            for lo in range(0, len(batch), config.batch_packets):
+                part = _slice(batch, lo, lo + config.batch_packets)
+                ctx = decode_batch(part, link_types, config)
+                cols.add(part, ctx, reader.info)
+                if on_batch is not None:
+                    on_batch(reader, part, ctx)
+        info = reader.info
+        infos.append(info)
+        rows += [(cols.name, None if i is None else i + reader.index_offset, layer, kind, detail)
+                 for i, layer, kind, detail in info.anomalies]
+    rows += [(cols.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]
+    return CaptureDecode(info=_merge_infos(infos, cols.name), packets=cols.packets(), anomalies=anomalies_frame(rows))
+
+
+def _merge_infos(infos: list[CaptureInfo], name: str) -> CaptureInfo:
+    if len(infos) == 1:
+        return infos[0]
+    first = infos[0]
+    return CaptureInfo(
+        path=";".join(i.path for i in infos), name=name, format=first.format, compressed=first.compressed,
+        interfaces=[x for i in infos for x in i.interfaces], comments=[c for i in infos for c in i.comments],
+        secrets=[x for i in infos for x in i.secrets], anomalies=[a for i in infos for a in i.anomalies],
+        packets=sum(i.packets for i in infos), size=sum(i.size for i in infos),
+        sections=sum(i.sections for i in infos))
 
 
 def anomalies_frame(rows: list[tuple]) -> pd.DataFrame:
@@ -287,7 +327,8 @@ def anomalies_frame(rows: list[tuple]) -> pd.DataFrame:
         "layer": list(layer), "kind": list(kind), "detail": list(detail)})
 
 
-def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with_pure_acks: bool = False):
+def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with_pure_acks: bool = False,
+                      index_offset: int = 0):
     """TcpSegment objects for the TCP packets of one decoded batch (see hbonecap.layers.segments)."""
     from hbonecap.layers.segments import TcpSegment
 
@@ -307,7 +348,7 @@ def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with
     enc_cache: dict[bytes, str] = {}
     addr_cache: dict[bytes, str] = {}
     buf = batch.buf
-    numbers = batch.frame_numbers()
+    numbers = batch.frame_numbers() + index_offset
     for i in idx.tolist():
         ekey = ek[i].tobytes()
         enc = enc_cache.get(ekey)

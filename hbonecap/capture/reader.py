@@ -64,6 +64,7 @@ class CaptureReader:
     def __init__(self, path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None):
         self.path = str(path)
         self.config = config
+        self.index_offset = 0   # frame numbers of this file continue a previous rotated file's
         self.info = CaptureInfo(path=self.path, name=name or capture_name(self.path))
         try:
             with open(self.path, "rb") as f:

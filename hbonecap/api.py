@@ -321,7 +321,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
 
     paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
     `tcpdump -G`: time-stamped names) are one capture, read in order. keylog: an NSS key log file (TLS secrets
-    embedded in pcapng files are used too). points: {file name: "ROLE[@NODE]"} overrides the capture-point guess.
+    embedded in pcapng files are used too). points: {file name: "ROLE[@NODE]"}, or the path of a TOML/YAML
+    manifest, overrides the capture-point guess.
     jobs: local processes, one capture point each (None: one per core). scheduler: a Dask scheduler address
     ("tcp://host:8786") or a `dask.distributed.Client`: one task per capture point on the cluster (retried if a
     worker dies). engine: "pandas", or "dask" to keep the packets table as a Dask DataFrame on the cluster.
@@ -347,7 +348,14 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         keylog_anomalies = [tuple(a.row(kl.name)[c] for c in ("capture", "index", "layer", "kind", "detail"))
                             for a in kl.anomalies]
     assigned: dict[str, Point] = {}
+    if isinstance(points, (str, os.PathLike)):
+        from hbonecap.capture.points import load_manifest
+
+        points = {k: v for k, v in load_manifest(points).items()}
     for k, v in (points or {}).items():
+        if isinstance(v, Point):
+            assigned[os.path.basename(k)] = v
+            continue
         name, pt = parse_point(f"{k}={v}")
         assigned[os.path.basename(name)] = pt
     groups = group_rotated(files)

@@ -56,11 +56,19 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
-                  quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas"):
+                  quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas",
+                  manifest: Optional[Path] = None):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
     mapping = {}
+    if manifest is not None:
+        from hbonecap.capture.points import load_manifest
+
+        try:
+            mapping.update(load_manifest(manifest))
+        except (HbonecapError, OSError) as e:
+            _fail(f"{manifest}: {e}")
     for spec in points or []:
         name, _, rhs = spec.rpartition("=")
         if not name:
@@ -196,6 +204,7 @@ def correlate(
     files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
     keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log (SSLKEYLOGFILE) for TLS."),
     point: Optional[List[str]] = typer.Option(None, "--point", "-p", help="FILE=ROLE[@NODE] capture-point override."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="TOML/YAML file of capture points."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write every table to."),
     fmt: OutFormat = typer.Option(OutFormat.parquet, "--format", "-f", help="parquet or csv for -o."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Directory to write latency plots to (PNG and SVG)."),
@@ -207,7 +216,7 @@ def correlate(
     """Analyse a capture set: capture points, clock offsets, flows, latency per hop, HBONE tunnels, anomalies."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine)
+    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest)
     cap = a.captures[["capture", "format", "role", "node", "packets", "first_ts", "last_ts", "anomalies", "role_reason"]]
     if len(a.captures) and a.captures["path"].str.contains(";", regex=False).any():
         cap = cap.assign(files=a.captures["path"].str.count(";") + 1)

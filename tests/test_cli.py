@@ -98,3 +98,23 @@ def test_report_and_plot_commands(tmp_path):
     assert {"latency.png", "latency.svg", "timeline.png", "flow-1.svg"} <= names
     r = runner.invoke(app, ["report", str(d), "--keylog", str(tmp_path / "nope.txt"), "-o", str(out)])
     assert r.exit_code == 2 and "key log not found" in r.output
+
+
+def test_point_overrides_and_manifest(tmp_path):
+    p = _capture(tmp_path)
+    out = tmp_path / "o1"
+    r = runner.invoke(app, ["correlate", str(p), "--point", "node-a-eth0.pcap=pistioout@node-z", "-o", str(out),
+                            "-f", "csv", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    cap = pd.read_csv(out / "captures.csv")
+    assert (cap["role"].iloc[0], cap["node"].iloc[0], cap["role_reason"].iloc[0]) == ("pistioout", "node-z", "given")
+    m = tmp_path / "points.toml"
+    m.write_text('[points]\n"node-a-eth0.pcap" = "waypoint@node-y"\n')
+    out = tmp_path / "o2"
+    r = runner.invoke(app, ["correlate", str(p), "--manifest", str(m), "-o", str(out), "-f", "csv", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    cap = pd.read_csv(out / "captures.csv")
+    assert (cap["role"].iloc[0], cap["node"].iloc[0]) == ("waypoint", "node-y")
+    m.write_text('[points]\n"node-a-eth0.pcap" = "spaceship"\n')
+    r = runner.invoke(app, ["correlate", str(p), "--manifest", str(m)])
+    assert r.exit_code == 2 and "spaceship" in r.output

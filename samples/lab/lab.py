@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -213,6 +214,7 @@ def check_dependencies(install: bool) -> None:
     log("dependencies: all present")
 
 
+@functools.lru_cache(maxsize=None)
 def tool_versions() -> dict[str, str]:
     def first_line(*argv: str) -> str:
         try:
@@ -253,12 +255,16 @@ class ScenarioRun:
         return points
 
     def start_daemon(self, name: str, netns: str, argv: list[str]):
+        """Start without waiting; wait_ready() later (daemons start in parallel)."""
         popen = self.procs.start(name, netns, argv, stdout=subprocess.PIPE,
                                  stderr=open(self.logs / f"{name}.stderr", "w"), text=True)
-        line = popen.stdout.readline()
-        if "READY" not in line:
-            raise RuntimeError(f"{name} did not start: see {self.logs / (name + '.stderr')}")
+        popen.lab_name = name
         return popen
+
+    def wait_ready(self, *popens) -> None:
+        for popen in popens:
+            if popen is not None and "READY" not in popen.stdout.readline():
+                raise RuntimeError(f"{popen.lab_name} did not start: see {self.logs / (popen.lab_name + '.stderr')}")
 
     def proxy_config(self, role: str, who: str, **extra) -> Path:
         cfg = {"role": role, "dialect": self.spec["dialect"], "cert": self.pkis[who]["cert"],
@@ -281,6 +287,7 @@ class ScenarioRun:
     def run(self, capture: bool = True) -> dict | None:
         log(f"scenario {self.name}: {self.spec['description']}")
         started = time.time_ns()
+        self.t0 = time.monotonic()
         server = self.start_daemon("server", "pod-b", [PYTHON, str(HERE / "apps.py"), "server",
                                                        str(self.logs / "server.jsonl"), "8080"])
         zt_b = self.start_daemon("ztunnel-b", "ztunnel-b", [PYTHON, str(HERE / "hbone_proxy.py"), str(
@@ -292,8 +299,10 @@ class ScenarioRun:
         zt_a = self.start_daemon("ztunnel-a", "ztunnel-a", [PYTHON, str(HERE / "hbone_proxy.py"), str(
             self.proxy_config("ztunnel-outbound", "ztunnel-a", listen_port=15001, transparent=True,
                               spoof_source=bool(self.spec.get("spoof_source"))))])
+        self.wait_ready(server, zt_b, wp, zt_a)
+        phases = {"daemons": time.monotonic()}
 
-        # Captures: one tcpdump per capture point, started before any traffic.
+        # Captures: one tcpdump per capture point, all listening before any traffic.
         dumps = []
         for point, netns, iface, _ in (self.capture_points() if capture else []):
             raw = self.work / f"{point}.raw.pcap"
@@ -301,13 +310,15 @@ class ScenarioRun:
                     "--time-stamp-precision=nano", "-w", str(raw)]
             popen = self.procs.start(f"tcpdump {point}", netns, argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
+            dumps.append((point, popen, raw))
+        for point, popen, raw in dumps:
             lines = [popen.stderr.readline()]
             while lines[-1] and "listening on" not in lines[-1] and len(lines) < 5:
                 lines.append(popen.stderr.readline())  # e.g. "data link type LINUX_SLL2" first
             if "listening on" not in lines[-1]:
-                raise RuntimeError(f"tcpdump on {netns}/{iface} failed: {' '.join(lines).strip()}")
-            dumps.append((point, popen, raw))
+                raise RuntimeError(f"tcpdump for {point} failed: {' '.join(lines).strip()}")
         time.sleep(0.3)
+        phases["captures"] = time.monotonic()
 
         plan = self.work / "plan.json"
         plan.write_text(json.dumps({"steps": self.spec["steps"], "pause_s": 0.2}))
@@ -319,6 +330,7 @@ class ScenarioRun:
         except subprocess.TimeoutExpired:
             raise RuntimeError("client did not finish in 120 s")
         self.procs.stop(client)
+        phases["client"] = time.monotonic()
         time.sleep(0.5)
         # Stop proxies (each closes its pooled HBONE connections gracefully), outbound first.
         for popen in (zt_a, wp, zt_b):
@@ -327,9 +339,13 @@ class ScenarioRun:
         time.sleep(0.5)
         stats = {}
         for point, popen, raw in dumps:
+            popen.send_signal(signal.SIGINT)
+        for point, popen, raw in dumps:
             self.procs.stop(popen, signal.SIGINT, timeout=10)
             stats[point] = popen.stderr.read().strip().splitlines()
         self.procs.stop(server, signal.SIGTERM)
+        phases["stopped"] = time.monotonic()
+        self.phases = phases
         ended = time.time_ns()
         if not capture:
             return None
@@ -386,7 +402,10 @@ class ScenarioRun:
         truth = truthmod.build(self, points, started, ended)
         (self.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
         size = sum(p.stat().st_size for p in self.out.rglob("*") if p.is_file())
-        log(f"scenario {self.name}: wrote {self.out} ({size / 1e6:.2f} MB)")
+        marks = list(self.phases.items()) + [("outputs", time.monotonic())]
+        took = ", ".join(f"{name} {marks[i][1] - (marks[i - 1][1] if i else self.t0):.1f}s"
+                         for i, (name, _) in enumerate(marks))
+        log(f"scenario {self.name}: wrote {self.out} ({size / 1e6:.2f} MB; {took})")
         return truth
 
 

@@ -600,7 +600,8 @@ class _Stack:
             "start": self.first_ts if nested else conn.first_ts, "end": self.last_ts if nested else conn.last_ts,
             "tls_version": t.version_name if t else None, "cipher_suite": t.suite_name if t else None,
             "alpn": t.alpn if t else None, "sni": t.sni if t else None,
-            "client_random": t.client_hello.random.hex() if t and t.client_hello else None,
+            "client_random": (t.client_hello.random.hex() if t.client_hello else
+                              t.inferred_client_random.hex() if t.inferred_client_random else None) if t else None,
             "decrypted": bool(t.is_decrypted) if t else None,
             "why_not": (t.why_not if t and not t.is_decrypted else None) if t else "no TLS (cleartext HTTP/2)",
             "client_spiffe": t.spiffe[0] if t else None, "server_spiffe": t.spiffe[1] if t else None,

@@ -234,6 +234,20 @@ def test_real_tls12_aead_suites(tmp_path, ciphers, suite):
     assert not [e for e in ev if isinstance(e, Anomaly)]
 
 
+@pytest.mark.parametrize("side", [0, 1])
+def test_one_way_captures_decrypt(tmp_path, side):
+    """Only one direction captured (tunnel devices, asymmetric routes): the other side's hello is missing."""
+    pair = TlsPair(tmp_path / "k.log")
+    pair.send(0, b"ping")
+    pair.send(1, b"pong")
+    TlsPair(tmp_path / "k.log")  # another logged connection the trial must skip
+    t = TlsSession(load(tmp_path / "k.log"))
+    ev = feed_all(t, [(d, b) for d, b in pair.wire if d == side])
+    assert plaintext(ev)[side] == (b"ping", b"pong")[side]
+    kinds = [e.kind for e in ev if isinstance(e, Anomaly)]
+    assert kinds == ["tls_server_hello_missing" if side == 0 else "tls_client_hello_missing"]
+
+
 def test_client_hello_cut_at_every_offset(tmp_path):
     pair = TlsPair(tmp_path / "k.log")
     c = b"".join(b for d, b in pair.wire if d == 0)

@@ -109,6 +109,7 @@ class TlsSession:
         self.plain_lost = [False, False]
         self.reported: set[str] = set()
         self.swapped = False                # mid-stream: direction 0 turned out to be the server
+        self.inferred_client_random: bytes | None = None  # found by trial when the ClientHello was not captured
 
     # -- public ------------------------------------------------------------------------------------------------------
     @property
@@ -292,6 +293,9 @@ class TlsSession:
         if keys is None:
             if self.midstream:
                 return self._midstream_search(d, rec, out)
+            if self.client_hello is None and self.server_hello is not None and self.keylog is not None \
+                    and self.version == 0x0304:
+                return self._infer_client_random(d, rec, out)
             if self.keylog is None:
                 self._once(out, "tls_no_key", "no key log: records are not decrypted")
             return None
@@ -350,6 +354,38 @@ class TlsSession:
                     return r
         self._once(out, "tls_decrypt_failed", f"dir {d}: a record of {len(rec.fragment)} bytes does not "
                                               f"authenticate with the logged secrets", key=f"decrypt_failed/{d}")
+        return None
+
+    def _infer_client_random(self, d: int, rec: Record, out: list):
+        """A ServerHello without its ClientHello (one-way capture of the server side): find the logged connection
+        whose handshake secret of this direction authenticates the record (one trial per logged connection)."""
+        kl = self.keylog
+        if self.keylog_generation == kl.generation or self.suite not in TLS13_SUITES:
+            return None
+        label, peer = (("SERVER_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_HANDSHAKE_TRAFFIC_SECRET") if d == 1 else
+                       ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET"))
+        for cr, entry in kl.secrets.items():
+            secret = entry.get(label)
+            if secret is None or self.suite not in candidate_suites(len(secret)):
+                continue
+            if not self._budget(out):
+                break
+            k = RecordKeys.tls13(self.suite, secret, label)
+            r = k.decrypt(rec.content_type, rec.version, rec.header, rec.fragment, 0)
+            if r is None:
+                continue
+            self.keys[d] = k
+            app = {0: "CLIENT_TRAFFIC_SECRET_0", 1: "SERVER_TRAFFIC_SECRET_0"}
+            for side in (0, 1):
+                if entry.get(app[side]) is not None:
+                    self.app_keys[side] = RecordKeys.tls13(self.suite, entry[app[side]], app[side])
+            if entry.get(peer) is not None and self.keys[1 - d] is None:
+                self.keys[1 - d] = RecordKeys.tls13(self.suite, entry[peer], peer)
+            self.inferred_client_random = cr
+            out.append(Anomaly("tls", "tls_client_hello_missing", "no ClientHello captured; the logged connection "
+                                                                  "was found by trial decryption"))
+            return r
+        self.keylog_generation = kl.generation  # nothing matched: retry only when new secrets arrive
         return None
 
     def _infer_client_keys(self, rec: Record, out: list):

@@ -204,6 +204,8 @@ def check_dependencies(install: bool) -> None:
                         + f"  ({PYTHON} -m pip install " + " ".join(missing_py) + ")")
     if not Path(topo.OVS_SCHEMA).exists():
         problems.append(f"missing {topo.OVS_SCHEMA} (package openvswitch-common)")
+    if not Path("/dev/net/tun").exists():
+        problems.append("missing /dev/net/tun (Open vSwitch's userspace datapath needs TAP devices)")
     if os.geteuid() != 0:
         problems.append("must run as root (network namespaces, nftables, tcpdump)")
     if problems:

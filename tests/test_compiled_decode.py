@@ -358,3 +358,30 @@ def test_structured_frames_with_flipped_bytes(items, flips, config):
         frames.append(bytes(f))
     batch = _batch(frames, origlen=[n for _, n, _ in items], iface=[i for _, _, i in items])
     assert_same_decode(batch, np.array([1, 101]), config)
+
+
+# -- engine selection and the compiled cache --------------------------------------------------------------------
+
+def test_engine_names():
+    with pytest.raises(ValueError, match="engine"):
+        decode_batch(_batch([b"x"]), np.array([1]), DEFAULT_CONFIG, engine="fast")
+
+
+def test_stale_cache_is_not_used(monkeypatch):
+    """The constants numba froze into the cached walk are the live ones; when they are not, the walk is compiled
+    afresh instead of taken from the cache."""
+    from hbonecap.layers import compiled
+
+    assert compiled._frozen_constants() == compiled._frozen_constants.py_func()
+    monkeypatch.setattr(compiled, "_walk", None)
+    assert compiled._checked_walk() is compiled.walk
+    monkeypatch.setattr(compiled, "_walk", None)
+    class Stale:
+        py_func = staticmethod(compiled._frozen_constants.py_func)
+
+        def __call__(self):
+            return (-1,) + self.py_func()[1:]
+
+    monkeypatch.setattr(compiled, "_frozen_constants", Stale())
+    monkeypatch.setattr(compiled.numba, "njit", lambda **kw: (lambda f: ("fresh", f, kw)))
+    assert compiled._checked_walk() == ("fresh", compiled.walk.py_func, {"nogil": True})

@@ -47,6 +47,9 @@ PORT_GENEVE = 1
 PORT_PROBE = 2
 PORT_VXLAN = 4
 
+# How many packets ahead `walk` touches the headers (a software prefetch).
+AHEAD = 8
+
 TCPOPT_EOL, TCPOPT_NOP, TCPOPT_MSS, TCPOPT_WSCALE, TCPOPT_SACK_PERM, TCPOPT_SACK, TCPOPT_TS = 0, 1, 2, 3, 4, 5, 8
 
 
@@ -103,7 +106,12 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
     max_rounds = limits[3]
     n = base.shape[0]
     rejected = 0
+    warm = np.int64(0)
+    last = buf.shape[0] - 1
     for i in range(n):
+        if i + AHEAD < n:            # load the headers of a packet ahead: a prefetch overlapping this packet's work
+            w = base[i + AHEAD]
+            warm += buf[w] + buf[min(w + 63, last)]
         k = np.int64(kind[i])
         p = base[i]
         cap = caplen[i]
@@ -461,10 +469,44 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
         else:
             reject[i] = 1
             rejected += 1
-    return rejected
+    return rejected, warm
 
 
 # -- the batch entry point -----------------------------------------------------------------------------------
+
+def _first_kinds(link_types: np.ndarray, config: DecodeConfig) -> np.ndarray:
+    """The first layer kind of each interface, as link.start sets it (K_DONE: link type not decoded); per
+    interface rather than per packet, which spares link.start's sort of the whole batch."""
+    m = len(link_types)
+    z = np.zeros(m, dtype=np.int64)
+    probe = DecodeContext(np.zeros(0, dtype=np.uint8), z, z, z, config)
+    link.start(probe, np.asarray(link_types))
+    return probe.kind
+
+
+@numba.njit(cache=True)
+def _frozen_constants():
+    return (K_DONE, K_ETH, K_VLAN, K_SLL, K_SLL2, K_NULL, K_LOOP, K_RAW, K_IPV4, K_IPV6, K_IPV6_EXT, K_TCP, K_UDP,
+            K_ICMP, K_ICMPV6, K_GENEVE, K_VXLAN, P_ARP, P_LLC, P_ETHERTYPE, P_IP_OTHER, P_NETLINK, P_TCP, P_UDP,
+            P_ICMP, P_ICMPV6, TUN_GENEVE, TUN_VXLAN, C.ETHERTYPE_ARP, C.IPPROTO_FRAGMENT, C.IPPROTO_AH,
+            link.ARPHRD_NETLINK, link.NULL_AF_INET)
+
+
+_walk = None
+
+
+def _checked_walk():
+    """`walk`, unless its cache is stale. numba freezes the global constants into the cached machine code and
+    revalidates the cache only against this file (documented numba behaviour): compare the constants imported
+    from other modules with their live values once per process, and compile afresh, uncached, if they moved."""
+    global _walk
+    if _walk is None:
+        if _frozen_constants() == _frozen_constants.py_func():
+            _walk = walk
+        else:
+            _walk = numba.njit(nogil=True)(walk.py_func)
+    return _walk
+
 
 def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig) -> DecodeContext:
     """Same contract and result as `unwrap.decode_batch(..., engine="numpy")`, compiled for the common case."""
@@ -473,13 +515,12 @@ def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfi
     ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config)
     if ctx.n == 0:
         return ctx
-    link.start(ctx, link_types[batch.iface])
-    ctx.anomalies.clear()        # only the first kinds are wanted here; rejected packets are started again below
+    ctx.kind[:] = _first_kinds(link_types, config)[batch.iface]
     reject = np.zeros(ctx.n, dtype=np.uint8)
     limits = np.array([config.max_tunnel_depth, config.max_extension_headers, config.max_vlan_tags,
                        unwrap.max_rounds(config)], dtype=np.int64)
     cols = tuple(getattr(ctx, name) for name in COLUMNS)
-    nrej = walk(ctx.buf, ctx.base, ctx.caplen, ctx.origlen, _port_classes(config), *_TABLES, limits, cols, reject)
+    nrej, _ = _checked_walk()(ctx.buf, ctx.base, ctx.caplen, ctx.origlen, _port_classes(config), *_TABLES, limits, cols, reject)
     if nrej:
         rej = np.flatnonzero(reject)
         sub = RecordBatch(batch.buf, batch.data_off[rej], batch.caplen[rej], batch.origlen[rej], batch.ts_ns[rej],

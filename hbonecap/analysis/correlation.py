@@ -254,6 +254,10 @@ class _Correlator:
                 self._anom(p.captures[1], "clock_inconsistent",
                            f"offset bracket between {p.a} and {p.b} is inverted or one-sided "
                            f"(estimate {p.theta_ns / MS:.3f} ms +- {p.uncertainty_ns / MS:.3f} ms)")
+        for g, o in self.offsets.items():
+            if o.via == "unconnected":
+                self._anom(g, "clock_unconnected", f"clock group {g} shares no packet with the reference "
+                                                   f"({self.reference}) through any chain: times left uncorrected")
         self.off = {}
         for c in self.caps:
             o = self.offsets.get(self.group[c])
@@ -525,6 +529,27 @@ class _Correlator:
             used_plain.add(l)
         # assemble flows
         flows: list[_Flow] = []
+        def ip_of(ipport):
+            return ipport.rsplit(":", 1)[0].strip("[]") if ipport else None
+
+        def client_side_captured(s: _Stream) -> bool:
+            """Some capture would have seen the client's connection: the HBONE client's own (its ztunnel, or the
+            waypoint), or a pod / outbound-tunnel capture on its node."""
+            zc = self._owner_capture(ip_of(s.client))
+            if zc is not None:
+                return True
+            fc = self._owner_capture(ip_of(s.info("forwarded_for")))
+            return fc is not None
+
+        def server_side_captured(s: _Stream) -> bool:
+            """Some capture would have seen the server connection: the destination pod's, or a ztunnel capture
+            that saw this HBONE connection away from its client's node."""
+            if self._owner_capture(ip_of(s.info("original_dst") or s.info("authority"))) is not None:
+                return True
+            cnode = self.node.get(self._owner_capture(ip_of(s.client)) or "")
+            return any(self.role.get(c) == "ztunnel" and (cnode is None or self.node.get(c) != cnode)
+                       for c in self._caps_of(s.lconn))
+
         for s in heads:
             f = _Flow()
             chain = self._chain(s, next_stream)
@@ -546,16 +571,35 @@ class _Correlator:
             if not exact:
                 f.confidence = min(f.confidence, 0.7)
             flows.append(f)
+            where = next(iter(s.rows), "")
+            desc = f"stream {s.stream_id} of {s.client} > {s.server}"
+            if f.app is None and client_side_captured(s):
+                ff = s.info("forwarded_for")
+                self._anom(where, "correlation_no_client_connection",
+                           f"{desc}{f' (for={ff})' if ff else ''}: no client connection found in the captures")
+            status = last.info("status")
+            if f.delivery is None and server_side_captured(last) and status is not None and 200 <= int(status) < 300:
+                self._anom(next(iter(last.rows), ""), "correlation_no_server_connection",
+                           f"stream {last.stream_id} of {last.client} > {last.server} to "
+                           f"{last.info('original_dst') or last.info('authority')} answered {int(status)}, "
+                           f"but no server connection was found in the captures")
         # 5. without keys: client connection -> HBONE connection -> server connection, by timing and content
         streamed = {st.lconn for st in streams}
         for a_l, t_l, d_l, conf, why in self.match_keyless([l for l in plain if l not in used_plain],
                                                            sorted(self.tunnel_lconns - streamed)):
             used_plain |= {a_l, d_l}
             flows.append(_Flow(app=a_l, delivery=d_l, tunnel=t_l, match="inferred", confidence=conf, reasons=[why]))
+        redirected = {"ztunnel", "istioout", "pistioout", "istioin", "pistioin"}
         for l in plain:
             if l in used_plain:
                 continue
             flows.append(_Flow(app=l, match="unmatched", confidence=0.0))
+            seen = self._caps_of(l)
+            if any(self.role.get(c) in redirected for c in seen):
+                self._anom(seen[0], "correlation_unmatched_connection",
+                           f"{self.lc.at[l, 'client']} > {self.lc.at[l, 'server']} reached a ztunnel "
+                           f"({', '.join(c for c in seen if self.role.get(c) in redirected)}) but was tied to no "
+                           f"HBONE stream or other connection")
         # a flow with no app connection starts at its stream; keep flows in time order
         flows.sort(key=lambda f: self._flow_start(f) or 0)
         return flows

@@ -95,26 +95,26 @@ class TunnelStream:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelOpened:
     stream: TunnelStream
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelBytes:
     stream_id: int
     direction: int
     data: Timed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelGap:
     stream_id: int
     direction: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelClosed:
     stream_id: int
     direction: int      # the direction that ended (-1: both, e.g. RST_STREAM)

@@ -48,7 +48,7 @@ MAX_ACK_JUMP = 1 << 30
 HOLE_PATIENCE = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamData:
     direction: int   # 0 = client to server, 1 = server to client
     offset: int      # stream offset of data[0]
@@ -57,7 +57,7 @@ class StreamData:
     index: int       # its frame number
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamGap:
     direction: int
     offset: int
@@ -67,7 +67,7 @@ class StreamGap:
     reason: str      # 'lost', 'snaplen', 'overflow', 'close'
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnd:
     direction: int
     kind: str        # 'fin' or 'rst'

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Timed:
     """Bytes plus the capture times of their ranges: ``marks[i] = (offset, ts_ns)``, offsets ascending, first 0."""
 

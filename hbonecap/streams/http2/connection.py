@@ -32,7 +32,7 @@ from .headers import HeaderDecoder
 MAX_HEADER_BLOCK = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2Headers:
     direction: int
     stream_id: int
@@ -44,7 +44,7 @@ class H2Headers:
     block: bytes = b""                          # the raw HPACK block
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2Data:
     direction: int
     stream_id: int
@@ -53,7 +53,7 @@ class H2Data:
     ts_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2DataGap:
     """Bytes of a DATA payload missing from the capture (cleartext HTTP/2 only; the frame layer stayed in step)."""
 
@@ -62,7 +62,7 @@ class H2DataGap:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2Reset:
     direction: int
     stream_id: int
@@ -74,7 +74,7 @@ class H2Reset:
         return error_name(self.code)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2GoAway:
     direction: int
     last_stream_id: int
@@ -82,7 +82,7 @@ class H2GoAway:
     ts_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2Control:
     direction: int
     frame: Frame

@@ -60,7 +60,7 @@ def error_name(code: int) -> str:
     return ERROR_CODES[code] if 0 <= code < len(ERROR_CODES) else f"0x{code:x}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     type: int
     flags: int
@@ -75,7 +75,7 @@ class Frame:
         return FRAME_NAMES[self.type] if self.type < len(FRAME_NAMES) else f"0x{self.type:02x}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataChunk:
     """Part of a large unpadded DATA frame, passed on before the frame is complete (bounded buffering)."""
 
@@ -86,7 +86,7 @@ class DataChunk:
     offset: int              # stream offset of the frame header
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataGap:
     """Bytes missing inside a streamed DATA payload: the tunnelled stream has a hole, the frame layer is in step."""
 
@@ -95,13 +95,13 @@ class DataGap:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LostSync:
     offset: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resync:
     offset: int
     skipped: int

@@ -33,7 +33,7 @@ MAX_HEADER_LIST = 1 << 20
 MAX_TABLE = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeaderBlockResult:
     headers: list[tuple[bytes, bytes]] | None   # None when the block could not be decoded
     exact: bool                                  # decoded with a context known to be complete

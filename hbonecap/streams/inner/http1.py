@@ -80,7 +80,7 @@ class Http1Response:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Http1Switch:
     protocol: str                      # 'connect' or the Upgrade token (lower case), e.g. 'h2c'
     leftover: tuple[Timed, Timed] = field(default=(Timed(b"", ()), Timed(b"", ())))

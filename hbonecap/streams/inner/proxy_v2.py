@@ -29,7 +29,7 @@ class ProxyV2Error(ProtocolError):
     """Bytes that start like a PROXY v2 header but are not a valid one."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProxyHeader:
     length: int                     # bytes used, signature included
     command: str                    # 'proxy' or 'local'

@@ -107,7 +107,7 @@ def _sni(data: bytes) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientHello:
     legacy_version: int
     random: bytes
@@ -119,7 +119,7 @@ class ClientHello:
     early_data: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerHello:
     legacy_version: int
     random: bytes
@@ -130,7 +130,7 @@ class ServerHello:
     retry: bool             # HelloRetryRequest
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Certificates:
     chain: list[bytes] = field(default_factory=list)   # DER, leaf first
 

@@ -32,7 +32,7 @@ MAX_RECORD = (1 << 14) + 2048
 RESYNC_WINDOW = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     content_type: int
     version: int
@@ -43,7 +43,7 @@ class Record:
     offset: int           # stream offset of the header
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordLostSync:
     offset: int
     reason: str

@@ -47,13 +47,13 @@ MAX_TIMELINE = 500_000
 NEARBY_SEQ = 64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TlsAppData:
     direction: int
     data: Timed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TlsPlainGap:
     direction: int
     reason: str       # 'no_key', 'decrypt_failed', 'lost', 'early_data'
@@ -68,7 +68,7 @@ ALERT_NAMES = {0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac"
                116: "certificate_required", 120: "no_application_protocol"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TlsAlert:
     direction: int
     level: int

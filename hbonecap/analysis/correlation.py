@@ -714,6 +714,17 @@ class _Correlator:
                 return c
         return None
 
+    def _proxy_capture(self, ip: str, lconn: int | None = None) -> str | None:
+        """The capture of the proxy (ztunnel or waypoint) that uses `ip` as a connection's source. A pod address
+        there is spoofed (era B: IP_TRANSPARENT): the proxy is the ztunnel of that pod's node."""
+        c = self._owner_capture(ip)
+        if c is None:
+            return None
+        if self.role.get(c) in ("ztunnel", "waypoint"):
+            return c
+        node = self.node.get(c)
+        return self._ztunnel_of_node(node, lconn) or self._ztunnel_of_node(node)
+
     def _ztunnel_of_node(self, node: str | None, lconn: int | None = None) -> str | None:
         if not node:
             return None
@@ -788,7 +799,7 @@ class _Correlator:
             cl_label, client_node = self._endpoint_label(cl)
             if f.streams:
                 tcl = f.streams[0].client.rsplit(":", 1)[0]
-                zc = self._owner_capture(tcl)
+                zc = self._proxy_capture(tcl, f.streams[0].lconn)
                 if zc is not None:
                     src_z_label = self._label_of_capture(zc)
                     client_node = client_node or self.node.get(zc)
@@ -799,7 +810,7 @@ class _Correlator:
                 zn = self._ztunnel_of_node(client_node, f.app)
                 zpref += [zn] if zn else []
             elif f.tunnel is not None:
-                zc = self._owner_capture(self.lc.at[f.tunnel, "client_ip"])
+                zc = self._proxy_capture(self.lc.at[f.tunnel, "client_ip"], f.tunnel)
                 src_z_label = self._label_of_capture(zc) if zc else self._ztunnel_label(client_node)
                 server_label = src_z_label
                 zpref = [zc] if zc else []
@@ -815,11 +826,12 @@ class _Correlator:
         for j, s in enumerate(f.streams):
             cip = s.client.rsplit(":", 1)[0]
             if j == 0 and prev_label is None:
-                prev_label = self._endpoint_label(s.client)[0]
+                pc = self._proxy_capture(cip, s.lconn)
+                prev_label = self._label_of_capture(pc) if pc else self._endpoint_label(s.client)[0]
             elif j > 0:
                 prev_label = hops[-1]["server_label"]
             slabel, snode = self._endpoint_label(s.server, hbone=True)
-            ccap = self._owner_capture(cip)
+            ccap = self._proxy_capture(cip, s.lconn)
             sip = s.server.rsplit(":", 1)[0]
             scap = self._owner_capture(sip)
             spref = []
@@ -858,7 +870,7 @@ class _Correlator:
         first_request_byte and first_response_byte likewise. Inferred; concurrent streams can blur them."""
         t = f.tunnel
         lc = self.lc.loc[t]
-        zc = self._owner_capture(lc["client_ip"])
+        zc = self._proxy_capture(lc["client_ip"], t)
         clabel = self._label_of_capture(zc) if zc else self._ztunnel_label(
             self._endpoint_label(self.lc.at[f.app, "client"])[1])
         slabel, snode = self._endpoint_label(lc["server"], hbone=True)

@@ -20,7 +20,9 @@ from hbonecap.analysis.correlation import correlate
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples"
 CONFORMANCE = (ROOT / ".." / "shared" / "conformance").resolve()
-SCENARIOS = ("sequential", "concurrent", "bulk", "refused-503", "waypoint", "clock-offset", "any-sll2")
+REQUIRED = ("sequential", "concurrent", "bulk", "refused-503", "waypoint", "clock-offset", "any-sll2")
+# the required scenarios (skipped visibly when absent) and any other the lab produced
+SCENARIOS = tuple(dict.fromkeys(REQUIRED + tuple(sorted(p.parent.name for p in SAMPLES.glob("*/truth.json")))))
 
 # truth event name -> hops.event, per hop kind
 TCP_EVENTS = {"syn": "syn", "syn_ack": "syn_ack", "first_data_c2s": "first_request_byte",
@@ -225,7 +227,7 @@ def _load_keyless(scenario: str):
     return truth, a, correlate(a)
 
 
-@pytest.mark.parametrize("name", ["sequential", "concurrent", "clock-offset", "bulk"])
+@pytest.mark.parametrize("name", ["sequential", "concurrent", "clock-offset", "bulk", "era-b-spoof"])
 def test_keyless_flows_inferred(name):
     """No key log: the client connection, the HBONE connection and the server connection are still tied, by the
     plaintext request lines, sizes and timing, and say so (match 'inferred', confidence below 1)."""

@@ -84,8 +84,9 @@ class TimedBuffer:
     def append(self, data: bytes | memoryview, ts_ns: int) -> None:
         if not data:
             return
-        if not self.marks or self.marks[-1][1] != ts_ns:
-            self.marks.append((self.end, ts_ns))
+        marks = self.marks
+        if not marks or marks[-1][1] != ts_ns:
+            marks.append((self.start + len(self.buf), ts_ns))
         self.buf += data
 
     def append_timed(self, piece: Timed) -> None:
@@ -139,8 +140,37 @@ class TimedBuffer:
             m.clear()
         return Timed(data, tuple(marks))
 
+    def take_bytes(self, n: int) -> tuple[bytes, int, int]:
+        """Consume `n` bytes from the front -> (bytes, capture time of the first, of the last byte), without
+        building the marks of the range (the TLS record path needs only the two times)."""
+        buf = self.buf
+        n = min(n, len(buf))
+        start = self.start
+        end = start + n
+        m = self.marks
+        while len(m) > 1 and m[1][0] <= start:
+            m.popleft()
+        ts_first = m[0][1] if m else -1
+        ts_last = ts_first
+        for off, t in reversed(m):
+            if off < end:
+                ts_last = t
+                break
+        if n == len(buf):
+            data = bytes(buf)
+            buf.clear()
+            m.clear()
+        else:
+            with memoryview(buf) as view:
+                data = bytes(view[:n])
+            del buf[:n]
+            while len(m) > 1 and m[1][0] <= end:
+                m.popleft()
+        self.start = end
+        return data, ts_first, ts_last
+
     def skip(self, n: int) -> None:
-        self.take(n)
+        self.take_bytes(n)
 
     def clear(self) -> None:
         """Drop everything buffered (the stream offset still advances past it)."""

@@ -155,9 +155,8 @@ class RecordReader:
                 self.need = 5 + length
                 return out
             offset = buf.start
-            ts_first = buf.ts_at(0)
-            header = buf.take(5).data
-            fragment = buf.take(length)
+            header, ts_first, _ = buf.take_bytes(5)
+            fragment, _, ts_last = buf.take_bytes(length)
             self.records += 1
-            out.append(Record(ctype, version, header, fragment.data, ts_first, fragment.ts_last, offset))
+            out.append(Record(ctype, version, header, fragment, ts_first, ts_last, offset))
         return out

@@ -47,7 +47,7 @@ from .timeline import Timed, TimedBuffer
 from .tls.keylog import KeyLog
 from .tls.records import find_record_start
 from .tls.records import plausible as tls_plausible
-from .tls.session import TlsAlert, TlsAppData, TlsPlainGap, TlsSession
+from .tls.session import TlsAlert, TlsAppData, TlsPlainGap, TlsSession, TrialBudget
 
 MAX_DEPTH = 4
 DETECT_WINDOW = 16 * 1024
@@ -146,6 +146,7 @@ class _Ctx:
         self.timeline_kept = 0
         self.counts: dict[int | None, dict[str, int]] = {}
         self.layers: dict[str, str] = {}
+        self.trials = TrialBudget()
 
     def anomaly(self, a: Anomaly) -> None:
         per_conn = self.counts.setdefault(self.conn_id, {})
@@ -345,7 +346,7 @@ class _Stack:
         if choice == "tls":
             self.state = "tls"
             self.tls = TlsSession(self.ctx.keylog, midstream=self.midstream, max_timeline=max(
-                0, min(TIMELINE_PER_CONN, TIMELINE_TOTAL - self.ctx.timeline_kept)))
+                0, min(TIMELINE_PER_CONN, TIMELINE_TOTAL - self.ctx.timeline_kept)), shared_budget=self.ctx.trials)
         elif choice == "h2":
             self._start_h2(self.midstream)
         elif choice == "http1":

@@ -15,14 +15,17 @@ Strategy
   * Decryption failure triggers bounded trials, in order: application keys while the handshake keys were
     expected (a lost Finished), the next KeyUpdate generation, nearby sequence numbers (lost records).
   * Mid-connection start (no ClientHello, `midstream=True`): TLS 1.3 application records are tried against every
-    traffic secret of the key log (both labels, first generations, every suite the secret length allows) and
-    sequence numbers from 0 up to `max_seq_search`, until one authenticates; that fixes the key, the sequence
+    traffic secret of the key log (both labels, `MIDSTREAM_GENERATIONS` KeyUpdate generations, every suite the
+    secret length allows; at most `MAX_CANDIDATE_KEYS`) and sequence numbers from 0 up to `max_seq_search`,
+    breadth-first (small sequence numbers of every candidate first), until one authenticates; that fixes the key, the sequence
     number and which side is the client (`tls_midstream_keys`). TLS 1.2 cannot be recovered mid-stream (the key
     block needs both hello randoms).
   * Certificates (plain in 1.2, decrypted in 1.3) give the SPIFFE ids of client and server.
 
 Limits
-  * `max_trials` AEAD attempts per connection for all searches together; `max_timeline` records kept.
+  * `max_trials` AEAD attempts per connection for all searches together (and a `TrialBudget` shared by all the
+    connections of an analysis, so that many undecryptable mid-stream connections cannot take minutes);
+    `max_timeline` records kept.
   * Without a ServerHello (one-way captures) TLS 1.3 client records are decrypted when the client's logged secrets
     authenticate them (suite inferred from the secret length and the offered suites: `tls_server_hello_missing`).
   * 0-RTT early data is decrypted only when the key log has the early secret and no ServerHello/handshake key
@@ -42,9 +45,18 @@ from .keylog import KeyLog
 from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, HANDSHAKE, Record, RecordLostSync, RecordReader
 
 MAX_SEQ_SEARCH = 16384
-MAX_TRIALS = 300_000
+MAX_TRIALS = 100_000
+MAX_CANDIDATE_KEYS = 1024
+MIDSTREAM_GENERATIONS = 3
 MAX_TIMELINE = 500_000
 NEARBY_SEQ = 64
+
+
+@dataclass(slots=True)
+class TrialBudget:
+    """AEAD trial decryptions left for all the TLS sessions of one analysis (searches are the only costly path)."""
+
+    left: int = 3_000_000
 
 
 @dataclass(slots=True)
@@ -82,13 +94,15 @@ class TlsAlert:
 
 class TlsSession:
     def __init__(self, keylog: KeyLog | None = None, midstream: bool = False, max_seq_search: int = MAX_SEQ_SEARCH,
-                 max_trials: int = MAX_TRIALS, max_timeline: int = MAX_TIMELINE) -> None:
+                 max_trials: int = MAX_TRIALS, max_timeline: int = MAX_TIMELINE,
+                 shared_budget: "TrialBudget | None" = None) -> None:
         state = "lost" if midstream else "records"
         self.readers = (RecordReader(state), RecordReader(state))
         self.hs = (HandshakeReader(), HandshakeReader())
         self.keylog = keylog
         self.midstream = midstream
         self.max_seq_search, self.trials_left, self.max_timeline = max_seq_search, max_trials, max_timeline
+        self.shared_budget = shared_budget
         self.client_hello = None
         self.server_hello = None
         self.version: int | None = None
@@ -305,6 +319,13 @@ class TlsSession:
         return self._recover(d, rec, out)
 
     def _budget(self, out: list | None = None) -> bool:
+        shared = self.shared_budget
+        if shared is not None:
+            if shared.left <= 0:
+                if out is not None:
+                    self._once(out, "tls_trials_exhausted", "decryption trials for this capture used up")
+                return False
+            shared.left -= 1
         if self.trials_left <= 0:
             if out is not None:
                 self._once(out, "tls_trials_exhausted", "decryption trials for this connection used up")
@@ -434,6 +455,9 @@ class TlsSession:
         if kl is None or rec.content_type != APPLICATION_DATA or self.keylog_generation == kl.generation:
             return None
         labels = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+        # Every candidate key (logged connection x label x suite x KeyUpdate generation), bounded; then sequence
+        # numbers breadth-first, so that small sequence numbers of every candidate are tried before large ones.
+        keys: list[tuple[RecordKeys, bytes, str, int]] = []
         for cr, entry in kl.secrets.items():
             for label in labels:
                 secret = entry.get(label)
@@ -441,16 +465,25 @@ class TlsSession:
                     continue
                 for suite in candidate_suites(len(secret)):
                     k = RecordKeys.tls13(suite, secret, label)
-                    for _gen in range(3):
-                        for seq in range(self.max_seq_search):
-                            if not self._budget(out):
-                                self.keylog_generation = kl.generation
-                                return None
-                            r = k.decrypt(rec.content_type, rec.version, rec.header, rec.fragment, seq)
-                            if r is not None:
-                                self._found(d, k, cr, label, suite, seq, out)
-                                return r
+                    for _gen in range(MIDSTREAM_GENERATIONS):
+                        keys.append((k, cr, label, suite))
                         k = k.next_generation()
+                if len(keys) >= MAX_CANDIDATE_KEYS:
+                    break
+            if len(keys) >= MAX_CANDIDATE_KEYS:
+                self._once(out, "tls_trials_exhausted", f"more than {MAX_CANDIDATE_KEYS} candidate keys for a "
+                                                        f"mid-connection search; the rest of the key log is not tried")
+                break
+        ctype, version, header, fragment = rec.content_type, rec.version, rec.header, rec.fragment
+        for seq in range(self.max_seq_search):
+            for k, cr, label, suite in keys:
+                if not self._budget(out):
+                    self.keylog_generation = kl.generation
+                    return None
+                r = k.decrypt(ctype, version, header, fragment, seq)
+                if r is not None:
+                    self._found(d, k, cr, label, suite, seq, out)
+                    return r
         if self.keys[0] is None and self.keys[1] is None:
             self.keylog_generation = kl.generation  # nothing matched: retry only when new secrets arrive
         return None

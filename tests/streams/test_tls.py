@@ -180,6 +180,25 @@ def test_mid_connection_start_finds_generation_and_sequence(drop_records):
     assert "tls_midstream_keys" in [e.kind for e in ev if isinstance(e, Anomaly)]
 
 
+def test_mid_connection_search_among_many_logged_connections_is_bounded():
+    from hbonecap.streams.tls.session import TrialBudget
+
+    wire, c, s, keylog, want_c, _ = session_bytes(0x1302, key_update=False)
+    noise = "".join(f"CLIENT_TRAFFIC_SECRET_0 {os.urandom(32).hex()} {os.urandom(48).hex()}\n"
+                    f"SERVER_TRAFFIC_SECRET_0 {os.urandom(32).hex()} {os.urandom(48).hex()}\n" for _ in range(60))
+    reader_offsets = [e.offset for e in RecordReader().feed(Timed.at(c, 0))]
+    cut = reader_offsets[-3]  # mid-connection: the last three client records
+    t = TlsSession(KeyLog.parse(noise + keylog), midstream=True)
+    ev = feed_all(t, [(0, c[cut:])])
+    assert plaintext(ev)[0] == want_c[-9:]  # "c2 c3 c4 "
+    # a connection nothing in the key log decrypts costs a bounded number of trials, shared by the analysis
+    budget = TrialBudget(left=5000)
+    t = TlsSession(KeyLog.parse(noise), midstream=True, shared_budget=budget)
+    ev = feed_all(t, [(0, c[cut:])])
+    assert plaintext(ev) == (b"", b"") and budget.left == 0
+    assert "tls_trials_exhausted" in [e.kind for e in ev if isinstance(e, Anomaly)]
+
+
 def test_lost_record_found_by_sequence_search():
     wire, c, s, keylog, want_c, _ = session_bytes(0x1301, key_update=False)
     lost = [i for i, (d, _) in enumerate(wire) if d == 0][-2]  # the client record carrying "c3 "

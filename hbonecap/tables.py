@@ -247,6 +247,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("reference", "boolean", "whether this is the reference clock"),
         ("offset_ms", "float64", "this clock minus the reference clock (file time = true time + offset)"),
         ("uncertainty_ms", "float64", "half the width of the offset bracket, added along the chain"),
+        ("drift_ppm", "float64", "estimated drift of this clock against the last link's (ppm; not corrected; "
+                                 "empty when the shared traffic spans under 2 s)"),
         ("via", "string", "chain of clock groups the offset was carried through"),
         ("method", "string", "how it was estimated: connections, packet pairs, captures compared"),
         ("connections", "Int64", "connections seen both ways used for the last link"),

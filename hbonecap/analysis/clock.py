@@ -15,8 +15,8 @@ uncertainties), so a group seen only through another is still placed, with the u
 
 Packets are matched by (connection, direction, seq, ack, TCP timestamp, SYN/FIN/RST flags): the first
 occurrence in each capture, so retransmissions do not pair with their originals. All per-packet work is a merge.
-Limits: clock drift (Moon, Skelly, Towsley 1999) is not yet fitted; `drift_ppm` is reported from a linear fit of
-the per-packet deltas when the span allows, for information only.
+Limits: clock drift is estimated (slope of the per-time-bin delay envelopes, after Moon, Skelly and Towsley 1999)
+and reported as `drift_ppm` when the shared traffic spans 2 s or more, but not corrected: offsets are constant.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class PairEstimate:
     inconsistent: bool = False
     lconns: list[int] = field(default_factory=list)
     captures: tuple[str, str] = ("", "")
+    forward: dict = field(default_factory=dict)      # lconn -> direction (0/1) travelling from a to b
+    drift_ppm: float = float("nan")
+    span_s: float = 0.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class GroupOffset:
     connections: int = 0
     packets: int = 0
     method: str = ""
+    drift_ppm: float = float("nan")
 
 
 def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
@@ -170,8 +174,38 @@ def pair_estimates(deltas: pd.DataFrame) -> list[PairEstimate]:
             if best is None or _better(e, best):
                 best = e
         if best is not None:
+            sel = deltas[(deltas["ga"] == ga) & (deltas["gb"] == gb) & (deltas["cap_a"] == best.captures[0]) &
+                         (deltas["cap_b"] == best.captures[1])]
+            best.drift_ppm, best.span_s = _drift(sel, best.forward)
             est.append(best)
     return est
+
+
+def _drift(d: pd.DataFrame, forward: dict, bins: int = 10, min_span_s: float = 2.0) -> tuple[float, float]:
+    """Relative clock drift (ppm) between two captures: the slope of the per-time-bin minimum one-way delay one
+    way and maximum the other (the lower and upper envelopes of the offset, after Moon, Skelly and Towsley 1999,
+    fitted by least squares on bin extremes instead of a linear program). NaN when the span is too short."""
+    if d.empty or not forward:
+        return float("nan"), 0.0
+    ta = d["ta"].to_numpy(np.int64)
+    span = (ta.max() - ta.min()) / 1e9
+    if span < min_span_s:
+        return float("nan"), span
+    fwd_dir = d["lconn"].map(forward)
+    is_fwd = (d["dir"].to_numpy() == fwd_dir.to_numpy())
+    known = fwd_dir.notna().to_numpy()
+    b = np.minimum(((ta - ta.min()) / (ta.max() - ta.min()) * bins).astype(np.int64), bins - 1)
+    slopes = []
+    for mask, agg in ((is_fwd & known, "min"), (~is_fwd & known, "max")):
+        if mask.sum() < 3:
+            continue
+        g = pd.DataFrame({"b": b[mask], "t": ta[mask], "d": d["delta"].to_numpy()[mask]})
+        idx = g.groupby("b")["d"].idxmin() if agg == "min" else g.groupby("b")["d"].idxmax()
+        pts = g.loc[idx.to_numpy()]
+        if len(pts) >= 3:
+            slope = np.polyfit((pts["t"] - ta.min()) / 1e9, pts["d"], 1)[0]   # ns per s
+            slopes.append(slope / 1e3)                                         # ppm
+    return (float(np.mean(slopes)) if slopes else float("nan")), span
 
 
 def _better(e: PairEstimate, best: PairEstimate) -> bool:
@@ -184,6 +218,7 @@ def _better(e: PairEstimate, best: PairEstimate) -> bool:
 
 def _bracket(ga: str, gb: str, ca: str, cb: str, sub: pd.DataFrame) -> PairEstimate:
     fwd_min, bwd_max, n_pk, conns, used = np.inf, -np.inf, 0, 0, []
+    forward: dict[int, int] = {}
     one_way: list[tuple[float, float]] = []
     for lc, s in sub.groupby("lconn"):
         d0 = s[s["dir"] == 0]
@@ -195,6 +230,7 @@ def _bracket(ga: str, gb: str, ca: str, cb: str, sub: pd.DataFrame) -> PairEstim
         gap1 = d0["min"].iloc[0] - d1["max"].iloc[0]
         gap2 = d1["min"].iloc[0] - d0["max"].iloc[0]
         f, b = (d0, d1) if gap1 >= gap2 else (d1, d0)
+        forward[int(lc)] = 0 if gap1 >= gap2 else 1
         fwd_min = min(fwd_min, f["min"].iloc[0])
         bwd_max = max(bwd_max, b["max"].iloc[0])
         n_pk += int(s["size"].sum())
@@ -208,7 +244,7 @@ def _bracket(ga: str, gb: str, ca: str, cb: str, sub: pd.DataFrame) -> PairEstim
                             int(sub["size"].sum()), True, [], (ca, cb))
     theta = (fwd_min + bwd_max) / 2
     unc = (fwd_min - bwd_max) / 2
-    return PairEstimate(ga, gb, float(theta), float(abs(unc)), conns, n_pk, bool(unc < 0), used, (ca, cb))
+    return PairEstimate(ga, gb, float(theta), float(abs(unc)), conns, n_pk, bool(unc < 0), used, (ca, cb), forward)
 
 
 def solve_offsets(groups: list[str], reference: str, pairs: list[PairEstimate]) -> dict[str, GroupOffset]:
@@ -235,8 +271,11 @@ def solve_offsets(groups: list[str], reference: str, pairs: list[PairEstimate]) 
                           f"({p.captures[0]} vs {p.captures[1]})")
                 if p.inconsistent:
                     method += "; inconsistent bracket (drift, asymmetric path or one direction only)"
+                drift = p.drift_ppm if h == p.b else -p.drift_ppm
+                if np.isfinite(drift):
+                    method += f"; drift {drift:+.2f} ppm over {p.span_s:.1f} s (not corrected)"
                 best[h] = GroupOffset(h, base.offset_ns + theta, base.uncertainty_ns + unc, via, p.connections,
-                                      p.packets, method)
+                                      p.packets, method, drift)
                 heapq.heappush(heap, (nd, h))
     for g in groups:
         if g not in best:

@@ -1033,6 +1033,7 @@ class _Correlator:
                 "clock_group": grp, "reference": grp == self.reference,
                 "offset_ms": o.offset_ns / MS if o is not None else np.nan,
                 "uncertainty_ms": o.uncertainty_ns / MS if o is not None else np.nan,
+                "drift_ppm": o.drift_ppm if o is not None else np.nan,
                 "via": o.via if o is not None else "no TCP packets",
                 "method": o.method if o is not None else None,
                 "connections": o.connections if o is not None else 0,

@@ -304,6 +304,10 @@ class _Stack:
                     choice = None
                 else:
                     choice = "opaque"
+            elif len(s) >= 5 and s[0] == 0x16 and s[1] == 3:
+                choice = "tls"    # server bytes and no client bytes: a one-way capture of the server side
+            elif len(s) >= 8 and looks_like_response(bytes(s[:8])):
+                choice = "http1"
             elif len(s) > 4096:
                 choice = "opaque"
         else:
@@ -366,7 +370,8 @@ class _Stack:
     def _start_h2(self, midstream: bool, client_preface: bool = True) -> None:
         self.state = "h2"
         self.h2 = Http2Connection(midstream=midstream, client_preface=client_preface)
-        self.hbone = hb.HboneObserver(midstream=midstream)
+        self.hbone = hb.HboneObserver(midstream=midstream, expect_tunnels=(
+            self.conn.server[1] == HBONE_PORT and self.owner is None) or self.owner is not None)
 
     # -- TLS --------------------------------------------------------------------------------------------------------
     def _tls_events(self, events: list) -> None:

@@ -122,11 +122,14 @@ class TunnelClosed:
 
 
 class HboneObserver:
-    def __init__(self, midstream: bool = False) -> None:
+    def __init__(self, midstream: bool = False, expect_tunnels: bool = False) -> None:
+        """`expect_tunnels`: the connection is HBONE by other evidence (port 15008, inside a tunnel): streams seen
+        only from the server side (one-way captures) or only through DATA are tunnels too."""
         self.streams: dict[int, TunnelStream] = {}
         self.other: set[int] = set()           # non-CONNECT streams (not tunnels)
         self.goaway: tuple[int, int, int] | None = None   # (ts, last_stream_id, code)
         self.midstream = midstream
+        self.expect_tunnels = expect_tunnels
         self.untracked = 0
         self.connects = 0
 
@@ -149,7 +152,7 @@ class HboneObserver:
             if s is None:
                 if sid in self.other or sid == 0:
                     return out
-                if not (self.midstream or self.connects):
+                if not (self.midstream or self.connects or self.expect_tunnels):
                     return out
                 s = self._new(sid, out)
                 if s is None:
@@ -204,6 +207,14 @@ class HboneObserver:
             if ev.end_stream:
                 self._half_close(s, 0, ev.ts_ns, out)
             return
+        if s is None and ev.direction == 1 and sid not in self.other and sid % 2 == 1 and \
+                (self.midstream or self.connects or self.expect_tunnels):
+            # a response to a request we did not see (one-way capture, or its HEADERS before the capture)
+            s = self._new(sid, out)
+            if s is None:
+                return
+            s.midstream = True
+            out.append(TunnelOpened(s))
         if s is None:
             return
         if ev.direction == 1:

@@ -107,6 +107,21 @@ def test_without_keys_tunnel_listed_with_timeline(world):
     assert not r.streams and not r.requests
 
 
+@pytest.mark.parametrize("side", [0, 1])
+def test_one_way_capture_of_either_side(world, side):
+    ex, keylog = world
+    segs = [s for s in segments(ex) if (s.src == "10.0.0.1") == (side == 0)]
+    r = run(segs, load(keylog))
+    outer = [t for t in r.tunnels if t["tunnel_id"] == "c0"]
+    assert outer and outer[0]["decrypted"] is True
+    streams = [s for s in r.streams if s["tunnel_id"] == "c0"]
+    if side == 0:
+        assert [s["authority"] for s in streams] == ["10.0.0.2:8000", "10.0.0.3:8000", "svc:8000", "10.0.0.4:9000"]
+    else:
+        assert [s["status"] for s in streams] == [200, 200, 200, 200]
+        assert streams[3]["bytes_s2c"] == 5000 and streams[0]["inner"] == "http1"
+
+
 def test_keys_arriving_as_secrets_block(world):
     ex, keylog = world
     a = StreamAnalyzer()

@@ -1,7 +1,8 @@
 """The stream driver: TCP segments of one capture in, `tunnels` / `streams` / `requests` / anomaly rows out.
 
 `StreamAnalyzer` glues the sans-I/O stages together; it does no I/O itself. Per TCP connection (keyed by capture,
-encapsulation and the 4-tuple; a SYN with a new ISN after data or a close starts a new connection) it runs a
+encapsulation types (VNIs aside: Istio uses 1001 one way and 1000 the other) and the 4-tuple; a SYN with a new ISN
+after data or a close starts a new connection) it runs a
 `TcpReassembler` and a protocol stack chosen from the first bytes, on any port:
 
 * TLS (a handshake record, or for mid-stream captures a plausible record header) -> `TlsSession`; its decrypted
@@ -30,6 +31,7 @@ last byte. `TimedBytes.marks` keep these as ``(offset, ts_ns)`` ranges, never on
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_CONFIG, HBONE_PORT
@@ -636,6 +638,7 @@ class StreamAnalyzer:
         self.segments = 0
         self.closed = False
         self._last: tuple | None = None
+        self._encap_paths: dict[str, str] = {}
         if keylog is not None:
             for a in keylog.anomalies:
                 row = a.row(keylog.name)
@@ -710,7 +713,12 @@ class StreamAnalyzer:
                     self._flush(seg.ts_ns)
                 return
         a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
-        key = (seg.capture, seg.encap) + ((a, b) if a <= b else (b, a))
+        encap_path = self._encap_paths.get(seg.encap)
+        if encap_path is None:
+            # the two directions of a tunnelled connection may use different VNIs (Istio: 1001 out, 1000 in):
+            # connections are keyed by the tunnel types, as the connections table does
+            encap_path = self._encap_paths[seg.encap] = re.sub(r":\d+", "", seg.encap)
+        key = (seg.capture, encap_path) + ((a, b) if a <= b else (b, a))
         c = self.conns.get(key)
         if c is not None and flags & SYN and not flags & ACK and c.syn_isn is not None and c.syn_isn != seg.seq and \
                 (c.bytes[0] or c.bytes[1] or c.ended[0] or c.ended[1]):

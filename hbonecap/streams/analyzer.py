@@ -38,7 +38,7 @@ from ..config import DEFAULT_CONFIG, HBONE_PORT
 from ..layers.segments import TcpSegment
 from . import hbone as hb
 from .anomalies import Anomaly
-from .http2.connection import H2Data, H2DataGap, H2GoAway, H2Headers, H2Reset, Http2Connection
+from .http2.connection import H2Data, H2DataGap, H2GoAway, H2Headers, H2LostSync, H2Reset, Http2Connection
 from .http2.frames import PREFACE, find_frame_start
 from .http2.frames import plausible as h2_plausible
 from .inner import proxy_v2
@@ -420,6 +420,16 @@ class _Stack:
                                  for k, v in e.headers]})
                 else:
                     ctx.header_log_dropped += 1
+            if isinstance(e, H2LostSync):
+                # every stream still open this way may have lost tunnelled bytes: their analysers must know
+                for sid, child in self.children.items():
+                    stream = self.hbone.streams.get(sid)
+                    if stream is not None and stream.ended[e.direction] is None and stream.end_reason is None:
+                        tb = ctx.results.tunnel_bytes.get((self.sid, sid))
+                        if tb is not None:
+                            tb[e.direction].gaps += 1
+                        child.gap(e.direction, 0)
+                continue
             if isinstance(e, (H2Headers, H2Data, H2Reset, H2GoAway, H2DataGap)):
                 for t in self.hbone.feed(e):
                     self._tunnel_event(t)

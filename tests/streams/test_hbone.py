@@ -157,6 +157,7 @@ def test_lost_segment_is_reported_and_later_streams_survive(world):
     r = run(segs, load(keylog))
     kinds = {a["kind"] for a in r.anomalies}
     assert "tcp_gap" in kinds and "tls_lost_sync" in kinds
+    assert r.tunnel_bytes[("c0", 7)][0].gaps >= 1  # the stream whose bytes were lost knows it
     streams = {(s["tunnel_id"], s["stream_id"]): s for s in r.streams}
     assert streams[("c0", 1)]["status"] == 200 and streams[("c0", 5)]["inner"] == "hbone"
 

@@ -7,8 +7,8 @@ Strategy
   * Passive: no SETTINGS are acknowledged, no flow control is enforced, a violation never closes anything
     (contrast `h2.H2Connection`, which acts as an endpoint). Violations become anomalies.
   * ``feed(direction, Timed) -> events``, ``gap(direction, n) -> events``, ``close() -> events``. Events are
-    `H2Headers`, `H2Data` (a DATA frame, or part of a large one), `H2DataGap`, `H2Reset`, `H2GoAway`, `H2Control`
-    (any other frame) and `Anomaly`.
+    `H2Headers`, `H2Data` (a DATA frame, or part of a large one), `H2DataGap`, `H2LostSync`, `H2Reset`,
+    `H2GoAway`, `H2Control` (any other frame) and `Anomaly`.
   * A header block is decoded when its last frame (END_HEADERS) arrives; every block is decoded, in order, so the
     dynamic table stays right. A block interrupted by another frame, or lost in a gap, desynchronises that
     direction's HPACK context (reported; see `headers.py` for the recovery).
@@ -60,6 +60,14 @@ class H2DataGap:
     direction: int
     stream_id: int
     length: int
+
+
+@dataclass(slots=True)
+class H2LostSync:
+    """Frames of this direction were lost: any open stream may be missing DATA bytes."""
+
+    direction: int
+    reason: str
 
 
 @dataclass(slots=True)
@@ -129,6 +137,7 @@ class Http2Connection:
                 self._frame(d, ev, out)
             elif isinstance(ev, LostSync):
                 out += self._lose_block(d, f"dir {d}: HTTP/2 sync lost at offset {ev.offset} ({ev.reason})")
+                out.append(H2LostSync(d, ev.reason))
             elif isinstance(ev, DataChunk):
                 if self.block[d] is not None:
                     out.append(Anomaly("http2", "http2_continuation_interrupted",

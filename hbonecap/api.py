@@ -229,6 +229,27 @@ class Analysis:
 
         return plot_timeline(self, ax=ax, **kw)
 
+    def unwrap(self, path: str | os.PathLike, geneve: bool = True) -> dict:
+        """Write every tunnelled conversation (CONNECT streams, Geneve/VXLAN inner frames) as plain TCP to a
+        pcapng for Wireshark; returns counts. See `hbonecap.export.inner`."""
+        from hbonecap.export.inner import unwrap
+
+        out = unwrap(self, path, geneve=geneve)
+        out.pop("views", None)
+        return out
+
+    def inner_packets(self, display_filter: str | None = None, path: str | os.PathLike | None = None):
+        """Wireshark's dissectors on the tunnelled traffic: the unwrapped conversations read by tshark through
+        pyshark, one row per packet (with the pyshark packet) and the flow it belongs to."""
+        import tempfile
+
+        from hbonecap.export.inner import read_inner
+
+        if path is None:
+            path = Path(tempfile.mkdtemp(prefix="hbonecap-")) / "inner.pcapng"
+        self.unwrap(path)
+        return read_inner(path, display_filter, self.flows)
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={len(self.table(n))}" for n in self.TABLES)
         return f"<hbonecap.Analysis {parts}>"

@@ -269,6 +269,23 @@ def report(
     typer.echo(f"wrote {output}", err=True)
 
 
+@app.command()
+def unwrap(
+    files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
+    output: Path = typer.Option(..., "--output", "-o", help="pcapng file to write."),
+    keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log (SSLKEYLOGFILE) for TLS."),
+    no_geneve: bool = typer.Option(False, "--no-geneve", help="Leave out Geneve/VXLAN inner frames."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
+) -> None:
+    """Write the tunnelled conversations as plain TCP to a pcapng that Wireshark dissects."""
+    if keylog is not None and not keylog.exists():
+        _fail(f"{keylog}: key log not found")
+    a = _run_analysis(files, keylog, None, jobs)
+    counts = a.unwrap(output, geneve=not no_geneve)
+    typer.echo(f"wrote {counts['packets']} packets ({counts['streams']} CONNECT streams, {counts['inner_frames']} "
+               f"tunnel inner frames) to {output}", err=True)
+
+
 class Era(str, Enum):
     geneve = "geneve"
     inpod = "inpod"

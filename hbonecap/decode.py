@@ -251,15 +251,15 @@ def _addr_keys(ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
     return np.concatenate([ver.astype(np.uint8)[:, None], addr], axis=1)
 
 
-def iter_decoded(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None
-                 ) -> Iterator[tuple[CaptureReader, RecordBatch, DecodeContext]]:
+def iter_decoded(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
+                 engine: str = "auto") -> Iterator[tuple[CaptureReader, RecordBatch, DecodeContext]]:
     """Decode a capture batch by batch (bounded memory): yields (reader, batch, decoded context)."""
     reader = CaptureReader(path, config, name=name)
     for batch in reader:
         link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
         for lo in range(0, len(batch), config.batch_packets):
             part = _slice(batch, lo, lo + config.batch_packets)
-            yield reader, part, decode_batch(part, link_types, config)
+            yield reader, part, decode_batch(part, link_types, config, engine=engine)
 
 
 def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:

@@ -84,6 +84,17 @@ def _enter(ctx: DecodeContext, sel: np.ndarray, tun_type: int, vni: np.ndarray) 
     ctx.vlan_tags[sel] = 0
 
 
+def _mark_inner(ctx: DecodeContext, sel: np.ndarray, link: np.ndarray | int) -> None:
+    """Where each packet's innermost tunnelled frame starts and its link (1 Ethernet, 2 raw IP), for exporters
+    (`hbonecap unwrap`). Kept by the vectorised decoders only, outside the compared decode columns."""
+    ex = ctx.__dict__.setdefault("tunnel_frames", {})
+    if "start" not in ex:
+        ex["start"] = [np.full(ctx.n, -1, dtype=np.int64)]
+        ex["link"] = [np.zeros(ctx.n, dtype=np.int8)]
+    ex["start"][0][sel] = ctx.off[sel]
+    ex["link"][0][sel] = link
+
+
 def decode_geneve(ctx: DecodeContext, sel: np.ndarray) -> None:
     sel = ctx.need(sel, 8, "geneve", "Geneve header")
     b0 = ctx.u8(sel, 0)
@@ -107,6 +118,7 @@ def decode_geneve(ctx: DecodeContext, sel: np.ndarray) -> None:
              [f"protocol type {int(p):#06x} not decoded" for p in ptype[~known]])
     for value, k in GENEVE_PROTOCOLS.items():
         ctx.kind[sel[ptype == value]] = k
+    _mark_inner(ctx, sel, np.where(ptype == C.ETHERTYPE_TEB, 1, 2))
 
 
 def _count_options(ctx: DecodeContext, sel: np.ndarray, optlen: np.ndarray) -> np.ndarray:
@@ -142,3 +154,4 @@ def decode_vxlan(ctx: DecodeContext, sel: np.ndarray) -> None:
     _enter(ctx, sel, K.TUN_VXLAN, vni)
     ctx.off[sel] += 8
     ctx.kind[sel] = K.K_ETH
+    _mark_inner(ctx, sel, 1)

@@ -1,0 +1,1 @@
+"""Writing what hbonecap recovered back out as captures other tools read."""

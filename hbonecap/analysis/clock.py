@@ -217,34 +217,31 @@ def _better(e: PairEstimate, best: PairEstimate) -> bool:
 
 
 def _bracket(ga: str, gb: str, ca: str, cb: str, sub: pd.DataFrame) -> PairEstimate:
-    fwd_min, bwd_max, n_pk, conns, used = np.inf, -np.inf, 0, 0, []
-    forward: dict[int, int] = {}
-    one_way: list[tuple[float, float]] = []
-    for lc, s in sub.groupby("lconn"):
-        d0 = s[s["dir"] == 0]
-        d1 = s[s["dir"] == 1]
-        if d0.empty or d1.empty:
-            one_way.append((s["min"].min(), s["max"].max()))
-            continue
-        # orientation: client->server packets go a->b (gap1) or b->a (gap2)
-        gap1 = d0["min"].iloc[0] - d1["max"].iloc[0]
-        gap2 = d1["min"].iloc[0] - d0["max"].iloc[0]
-        f, b = (d0, d1) if gap1 >= gap2 else (d1, d0)
-        forward[int(lc)] = 0 if gap1 >= gap2 else 1
-        fwd_min = min(fwd_min, f["min"].iloc[0])
-        bwd_max = max(bwd_max, b["max"].iloc[0])
-        n_pk += int(s["size"].sum())
-        conns += 1
-        used.append(int(lc))
-    if conns == 0:
+    """The offset bracket of one pair of captures, pooled over connections (vectorised over connections)."""
+    w = sub.pivot_table(index="lconn", columns="dir", values=["min", "max", "size"], aggfunc="first")
+    def col(name, d):
+        return w[(name, d)].to_numpy(np.float64) if (name, d) in w.columns else np.full(len(w), np.nan)
+    min0, max0, min1, max1 = col("min", 0), col("max", 0), col("min", 1), col("max", 1)
+    size = np.nansum(np.stack([col("size", 0), col("size", 1)]), axis=0)
+    both = ~np.isnan(min0) & ~np.isnan(min1)
+    lcs = w.index.to_numpy()
+    if not both.any():
         # one direction only: the offset is bounded on one side; the tightest packet is a rough estimate
-        lo = min(x[0] for x in one_way)
-        hi = max(x[1] for x in one_way)
-        return PairEstimate(ga, gb, float(lo), float(max(hi - lo, abs(lo)) or 0.0), len(one_way),
-                            int(sub["size"].sum()), True, [], (ca, cb))
+        lo = float(np.nanmin(np.fmin(min0, min1)))
+        hi = float(np.nanmax(np.fmax(max0, max1)))
+        return PairEstimate(ga, gb, lo, float(max(hi - lo, abs(lo)) or 0.0), int(len(w)), int(size.sum()), True, [],
+                            (ca, cb))
+    # orientation per connection: its client->server packets go a->b (gap1) or b->a (gap2)
+    gap1 = min0 - max1
+    gap2 = min1 - max0
+    fwd0 = gap1 >= gap2
+    fwd_min = float(np.where(fwd0, min0, min1)[both].min())
+    bwd_max = float(np.where(fwd0, max1, max0)[both].max())
+    forward = {int(l): (0 if f else 1) for l, f, b in zip(lcs, fwd0, both) if b}
     theta = (fwd_min + bwd_max) / 2
     unc = (fwd_min - bwd_max) / 2
-    return PairEstimate(ga, gb, float(theta), float(abs(unc)), conns, n_pk, bool(unc < 0), used, (ca, cb), forward)
+    return PairEstimate(ga, gb, float(theta), float(abs(unc)), int(both.sum()), int(size[both].sum()), bool(unc < 0),
+                        [int(l) for l in lcs[both]], (ca, cb), forward)
 
 
 def solve_offsets(groups: list[str], reference: str, pairs: list[PairEstimate]) -> dict[str, GroupOffset]:

@@ -125,6 +125,7 @@ class _Correlator:
         for rec in self.L.legs.to_dict("records"):
             self.leg_recs[int(rec["lconn"])].append(rec)
         self.lc = self.L.lconns.set_index("lconn")
+        self.lcd: dict[int, dict] = {int(r["lconn"]): r for r in self.L.lconns.to_dict("records")}
         self._leg_times()
         self._streams()
         flows = self._match()
@@ -428,7 +429,7 @@ class _Correlator:
         # 1. exact: forwarded for= names the app's client
         by_client = defaultdict(list)
         for l in plain:
-            by_client[self.lc.at[l, "client"]].append(l)
+            by_client[self.lcd[l]["client"]].append(l)
         for s in streams:
             ff = s.info("forwarded_for")
             if not ff:
@@ -471,7 +472,7 @@ class _Correlator:
         by_server = defaultdict(list)
         for l in plain:
             if l not in used_plain:
-                by_server[self.lc.at[l, "server"]].append(l)
+                by_server[self.lcd[l]["server"]].append(l)
         for s in streams:
             if s.key in next_stream:
                 continue
@@ -501,7 +502,7 @@ class _Correlator:
         heads = [s for s in streams if s.key not in prev_stream]
         cand = []
         starts = sorted((self.leg_time(l, "first_c2s"), l) for l in plain
-                        if l not in used_plain and self.lc.at[l, "server_port"] != 15008
+                        if l not in used_plain and self.lcd[l]["server_port"] != 15008
                         and self.leg_time(l, "first_c2s") is not None)
         start_ts = [x[0] for x in starts]
         for s in heads:
@@ -519,7 +520,7 @@ class _Correlator:
                     continue
                 req, host = self.leg_request(l)
                 score = self._content_score(req, host, self.leg_bytes(l), s.request, s.host, self._sbytes(s))
-                if self.lc.at[l, "server"] in dsts or (s.host and s.host == self.lc.at[l, "server"]):
+                if self.lcd[l]["server"] in dsts or (s.host and s.host == self.lcd[l]["server"]):
                     score += 1
                 cand.append((score, t - syn, s.key, l))
         for score, dt, k, l in sorted(cand, key=lambda x: (-x[0], x[1])):
@@ -597,7 +598,7 @@ class _Correlator:
             seen = self._caps_of(l)
             if any(self.role.get(c) in redirected for c in seen):
                 self._anom(seen[0], "correlation_unmatched_connection",
-                           f"{self.lc.at[l, 'client']} > {self.lc.at[l, 'server']} reached a ztunnel "
+                           f"{self.lcd[l]['client']} > {self.lcd[l]['server']} reached a ztunnel "
                            f"({', '.join(c for c in seen if self.role.get(c) in redirected)}) but was tied to no "
                            f"HBONE stream or other connection")
         # a flow with no app connection starts at its stream; keep flows in time order
@@ -616,12 +617,12 @@ class _Correlator:
             return []
         by_client_ip: dict[str, list[int]] = defaultdict(list)
         for t in tunnels:
-            by_client_ip[self.lc.at[t, "client_ip"]].append(t)
+            by_client_ip[self.lcd[t]["client_ip"]].append(t)
         by_server_ip: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for d in plain:
             td = self.leg_time(d, "first_c2s")
             if td is not None:
-                by_server_ip[self.lc.at[d, "server_ip"]].append((td, d))
+                by_server_ip[self.lcd[d]["server_ip"]].append((td, d))
         for v in by_server_ip.values():
             v.sort()
         cand = []
@@ -629,12 +630,12 @@ class _Correlator:
             ta = self.leg_time(a_l, "first_c2s")
             if ta is None:
                 continue
-            src_ips = {self.lc.at[a_l, "client_ip"]} | {self.owner[c] for c in self._caps_of(a_l)
+            src_ips = {self.lcd[a_l]["client_ip"]} | {self.owner[c] for c in self._caps_of(a_l)
                                                           if self.role.get(c) == "ztunnel" and c in self.owner}
             for ip in src_ips:
                 for t in by_client_ip.get(ip, []):
                     t_first, t_last = self.leg_time(t, "first_ts"), self._lt_last.get(t)
-                    lst = by_server_ip.get(self.lc.at[t, "server_ip"], [])
+                    lst = by_server_ip.get(self.lcd[t]["server_ip"], [])
                     keys = [x[0] for x in lst]
                     lo = bisect.bisect_left(keys, ta - TOL)
                     hi = min(bisect.bisect_right(keys, ta + WINDOW), lo + MAX_CANDIDATES)
@@ -795,7 +796,7 @@ class _Correlator:
         client_node = None
         src_z_label = None
         if f.app is not None:
-            cl = self.lc.at[f.app, "client"]
+            cl = self.lcd[f.app]["client"]
             cl_label, client_node = self._endpoint_label(cl)
             if f.streams:
                 tcl = f.streams[0].client.rsplit(":", 1)[0]
@@ -810,14 +811,14 @@ class _Correlator:
                 zn = self._ztunnel_of_node(client_node, f.app)
                 zpref += [zn] if zn else []
             elif f.tunnel is not None:
-                zc = self._proxy_capture(self.lc.at[f.tunnel, "client_ip"], f.tunnel)
+                zc = self._proxy_capture(self.lcd[f.tunnel]["client_ip"], f.tunnel)
                 src_z_label = self._label_of_capture(zc) if zc else self._ztunnel_label(client_node)
                 server_label = src_z_label
                 zpref = [zc] if zc else []
             else:
-                server_label = self.lc.at[f.app, "server"]
+                server_label = self.lcd[f.app]["server"]
                 zpref = []
-            ccap = self._owner_capture(self.lc.at[f.app, "client_ip"])
+            ccap = self._owner_capture(self.lcd[f.app]["client_ip"])
             cl_list, sv_list = self._end_lists(f.app, [ccap] if ccap else [], zpref)
             hops.append(self._tcp_hop(f.app, f"{cl_label} -> {server_label}", 0, cl_list, sv_list))
         prev_label = src_z_label
@@ -841,7 +842,7 @@ class _Correlator:
             if z:
                 spref.append(z)
             if f.delivery is not None and j == len(f.streams) - 1:
-                dn = self._endpoint_label(self.lc.at[f.delivery, "server"])[1]
+                dn = self._endpoint_label(self.lcd[f.delivery]["server"])[1]
                 z = self._ztunnel_of_node(dn, s.lconn)
                 if z:
                     spref.append(z)
@@ -849,9 +850,9 @@ class _Correlator:
             hops.append(self._stream_hop(s, f"{prev_label} -> {slabel}", len(hops), cl_list, sv_list, slabel))
         if f.delivery is not None:
             d = f.delivery
-            sv = self.lc.at[d, "server"]
+            sv = self.lcd[d]["server"]
             slabel, snode = self._endpoint_label(sv)
-            clabel = hops[-1]["server_label"] if hops else self._endpoint_label(self.lc.at[d, "client"])[0]
+            clabel = hops[-1]["server_label"] if hops else self._endpoint_label(self.lcd[d]["client"])[0]
             cpref = []
             if hops and hops[-1].get("server_capture"):
                 cpref.append(hops[-1]["server_capture"])
@@ -869,12 +870,12 @@ class _Correlator:
         client's SYN), connect_response (first data back after the server connection's SYN-ACK),
         first_request_byte and first_response_byte likewise. Inferred; concurrent streams can blur them."""
         t = f.tunnel
-        lc = self.lc.loc[t]
+        lc = self.lcd[t]
         zc = self._proxy_capture(lc["client_ip"], t)
         clabel = self._label_of_capture(zc) if zc else self._ztunnel_label(
-            self._endpoint_label(self.lc.at[f.app, "client"])[1])
+            self._endpoint_label(self.lcd[f.app]["client"])[1])
         slabel, snode = self._endpoint_label(lc["server"], hbone=True)
-        dnode = self._endpoint_label(self.lc.at[f.delivery, "server"])[1] if f.delivery is not None else None
+        dnode = self._endpoint_label(self.lcd[f.delivery]["server"])[1] if f.delivery is not None else None
         spref = [z for z in (self._ztunnel_of_node(snode, t), self._ztunnel_of_node(dnode, t)) if z]
         cl_list, sv_list = self._end_lists(t, [zc] if zc else [], spref)
         if self._tcp_by_lconn is None:
@@ -937,7 +938,7 @@ class _Correlator:
             row = self._event_row(ev, d, times, cl_list, sv_list)
             if row:
                 events.append(row)
-        lc = self.lc.loc[lconn]
+        lc = self.lcd[lconn]
         return {"hop": name, "hop_index": idx, "kind": "tcp", "connection": f"{lc['client']} > {lc['server']}",
                 "tunnel_ids": None, "stream_id": None, "events": events, "lconn": lconn,
                 "server_label": name.split(" -> ")[-1], "server_capture": sv_list[0] if sv_list else None,
@@ -960,13 +961,13 @@ class _Correlator:
     def _flow_row(self, fid: int, f: _Flow, hops: list[dict]) -> dict:
         first_s = f.streams[0] if f.streams else None
         last_s = f.streams[-1] if f.streams else None
-        client = self.lc.at[f.app, "client"] if f.app is not None else (first_s.info("forwarded_for") if first_s
+        client = self.lcd[f.app]["client"] if f.app is not None else (first_s.info("forwarded_for") if first_s
                                                                           else None)
-        original_dst = self.lc.at[f.app, "server"] if f.app is not None else \
+        original_dst = self.lcd[f.app]["server"] if f.app is not None else \
             (first_s.info("original_dst") if first_s else None)
         dst_pod = None
         if f.delivery is not None:
-            dst_pod = self.lc.at[f.delivery, "server"]
+            dst_pod = self.lcd[f.delivery]["server"]
         elif last_s is not None:
             dst_pod = last_s.info("original_dst") or last_s.info("authority")
         times = [e[k] for h in hops for e in h["events"] for k in ("src_ts", "dst_ts") if e.get(k) is not None]
@@ -988,9 +989,9 @@ class _Correlator:
         return {
             "flow_id": fid, "client": client, "original_dst": original_dst, "dst_pod": dst_pod,
             "hops": len(hops), "path": " | ".join(h["hop"] for h in hops),
-            "hbone_client": first_s.client if first_s else (self.lc.at[f.tunnel, "client"] if f.tunnel is not None
+            "hbone_client": first_s.client if first_s else (self.lcd[f.tunnel]["client"] if f.tunnel is not None
                                                              else None),
-            "hbone_server": first_s.server if first_s else (self.lc.at[f.tunnel, "server"] if f.tunnel is not None
+            "hbone_server": first_s.server if first_s else (self.lcd[f.tunnel]["server"] if f.tunnel is not None
                                                              else None),
             "stream_id": first_s.stream_id if first_s else None,
             "tunnel_ids": " | ".join(h["tunnel_ids"] or "" for h in hb) or None,
@@ -1007,7 +1008,7 @@ class _Correlator:
         if f.app is None:
             return "incomplete"
         recs = self.leg_recs[f.app]
-        cap = self._owner_capture(self.lc.at[f.app, "client_ip"])
+        cap = self._owner_capture(self.lcd[f.app]["client_ip"])
         mine = [r for r in recs if r["capture"] == cap]
         if mine:
             client_end = mine[0]

@@ -19,6 +19,12 @@ Roles:
 ``ztunnel-inbound``
     Accepts HBONE on 15008 (TPROXY from ``pistioin``), connects to the requested pod address
     and answers 200, or 503 when the connect fails, then relays bytes both ways.
+In-pod mode (era C, Istio 1.21+): the same two roles run inside the app pods' namespaces.
+``redirect`` (outbound): the listener is ordinary, fed by nftables REDIRECT, and the original
+destination comes from ``SO_ORIGINAL_DST``. ``so_mark`` (both): every socket the proxy opens
+carries that SO_MARK (0x539), which the pod's rules exempt from redirection.
+``spoof_upstream_source`` (inbound): the connection to the app uses the HBONE peer's IP (the
+client pod's) as source, IP_TRANSPARENT, over lo.
 ``waypoint``
     Terminates HBONE on 15008 (no redirect: the waypoint pod is addressed directly), resolves
     the Service address in ``:authority`` and re-originates HBONE to the backend pod, Envoy
@@ -53,6 +59,8 @@ import h2.exceptions
 import h2.settings
 
 IP_TRANSPARENT = 19  # linux/in.h
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h (SOL_IP)
+SO_MARK = 36  # asm-generic/socket.h
 HBONE_PORT = 15008
 # ztunnel's HTTP/2 settings (ambient-wire.md): stream window 4 MiB, connection window 16 MiB,
 # max frame 1 MiB, up to 100 streams per pooled connection.
@@ -395,6 +403,40 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# --------------------------------------------------------------------------- sockets
+
+async def open_tcp(host: str, port: int, *, source_ip: str | None = None, mark: int | None = None,
+                   ssl_ctx: ssl.SSLContext | None = None):
+    """A TCP connection; with source_ip the socket is IP_TRANSPARENT and bound to that (foreign)
+    address, port chosen by the kernel; with mark the socket carries SO_MARK (in-pod ztunnel: 0x539,
+    so that the pod's nftables rules neither redirect it nor treat it as app traffic)."""
+    if source_ip is None and mark is None:
+        return await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None), CONNECT_TIMEOUT_S)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+    except BaseException:
+        sock.close()
+        raise
+    # server_hostname is the IP literal: OpenSSL sends no SNI for it (as ztunnel).
+    return await asyncio.wait_for(asyncio.open_connection(
+        sock=sock, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None), CONNECT_TIMEOUT_S)
+
+
+def original_dst(writer: asyncio.StreamWriter) -> str:
+    """The destination before nftables REDIRECT (SO_ORIGINAL_DST, a struct sockaddr_in)."""
+    raw = writer.get_extra_info("socket").getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return f"{socket.inet_ntoa(raw[4:8])}:{port}"
+
+
 # --------------------------------------------------------------------------- pool
 
 class Pool:
@@ -402,6 +444,7 @@ class Pool:
 
     def __init__(self, cfg: dict, log: JsonLog) -> None:
         self.ctx = _base_context(False, cfg)
+        self.mark = cfg.get("so_mark")
         self.log = log
         self.conns: dict[str, list[H2Tunnel]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -417,23 +460,7 @@ class Pool:
                 if tunnel.has_capacity():
                     return tunnel, False
             host, port = split_hostport(target)
-            # server_hostname is the IP literal: OpenSSL sends no SNI for it (as ztunnel).
-            if source_ip:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                sock.bind((source_ip, 0))
-                sock.setblocking(False)
-                try:
-                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)),
-                                           CONNECT_TIMEOUT_S)
-                except BaseException:
-                    sock.close()
-                    raise
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(sock=sock, ssl=self.ctx, server_hostname=host), CONNECT_TIMEOUT_S)
-            else:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, ssl=self.ctx, server_hostname=host), CONNECT_TIMEOUT_S)
+            reader, writer = await open_tcp(host, port, source_ip=source_ip, mark=self.mark, ssl_ctx=self.ctx)
             tunnel = H2Tunnel(reader, writer, client_side=True, log=self.log)
             if expected_id and expected_id not in tunnel.tls["peer_ids"]:
                 writer.close()
@@ -489,7 +516,9 @@ class Proxy:
         accepted = now_ns()
         set_nodelay(writer)
         client = writer.get_extra_info("peername")
-        orig = addr(writer.get_extra_info("sockname"))
+        # TPROXY (eras A/B): the accepted socket's local address is the original destination;
+        # nftables REDIRECT (era C, in-pod): it is 127.0.0.1:15001, the original is SO_ORIGINAL_DST.
+        orig = original_dst(writer) if self.cfg.get("redirect") else addr(writer.get_extra_info("sockname"))
         svc = self.cfg["services"].get(orig)
         backend = svc["backend"] if svc else orig
         waypoint = svc.get("waypoint") if svc else None
@@ -500,7 +529,8 @@ class Proxy:
                 (svc or {}).get("backend_id")
         headers = connect_headers(self.cfg, authority, client, bool(waypoint), self.role)
         rec = {"client": addr(client), "original_dst": orig, "backend": backend, "hbone_target": target,
-               "via_waypoint": waypoint, "request_headers": headers, "accepted_ns": accepted}
+               "via_waypoint": waypoint, "request_headers": headers, "accepted_ns": accepted,
+               "accepted_on": addr(writer.get_extra_info("sockname"))}
         try:
             tunnel, new = await self.pool.get(target, expected,
                                               client[0] if self.cfg.get("spoof_source") else None)
@@ -576,9 +606,11 @@ class Proxy:
         host, port = split_hostport(target)
         rec["upstream_target"] = target
         rec["upstream_connect_ns"] = now_ns()
+        # In-pod inbound (era C): connect to the app from the HBONE peer's IP (the client pod's),
+        # IP_TRANSPARENT, marked so the pod's rules route the app's replies back over lo.
+        source_ip = split_hostport(tunnel.remote)[0] if self.cfg.get("spoof_upstream_source") else None
         try:
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                          CONNECT_TIMEOUT_S)
+            up_reader, up_writer = await open_tcp(host, port, source_ip=source_ip, mark=self.cfg.get("so_mark"))
         except (OSError, asyncio.TimeoutError) as exc:
             rec["upstream_error"] = repr(exc)
             await self._respond(tunnel, stream, 503, rec)

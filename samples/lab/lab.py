@@ -76,6 +76,17 @@ CAPTURE_POINTS = [
 WAYPOINT_POINT = ("waypoint-eth0", "waypoint", "eth0", "waypoint pod: HBONE in (from ztunnel A) and out "
                   "(to pod B via ztunnel B)")
 GENEVE_VNIS = {"ztunnel-a-eth0": [topo.VNI_OUT], "ztunnel-b-eth0": [topo.VNI_IN]}
+# Era C (in-pod): ztunnel's sockets inside the pods; capture both pods' eth0 and lo, both node NICs.
+INPOD_POINTS = [
+    ("pod-a-lo", "pod-a", "lo", "client pod loopback: the app's connection after nftables REDIRECT "
+     "(client -> 127.0.0.1:15001; replies from the original destination)"),
+    ("pod-a-eth0", "pod-a", "eth0", "client pod NIC: HBONE from the pod IP to the destination pod :15008"),
+    ("node-a-eth0", "node-a", "eth0", "node A NIC: HBONE between pod IPs (inside VXLAN 8472 in inpod-vxlan)"),
+    ("node-b-eth0", "node-b", "eth0", "node B NIC: HBONE between pod IPs (inside VXLAN 8472 in inpod-vxlan)"),
+    ("pod-b-eth0", "pod-b", "eth0", "server pod NIC: HBONE to the pod's own :15008 (in-pod ztunnel inbound)"),
+    ("pod-b-lo", "pod-b", "lo", "server pod loopback: in-pod ztunnel -> app with the client pod IP as "
+     "source (IP_TRANSPARENT)"),
+]
 ANY_POINTS = [(f"{name}-any", name, "any", f"tcpdump -i any in {name}")
               for name in ("pod-a", "node-a", "ztunnel-a", "node-b", "ztunnel-b", "pod-b")]
 ANY_VNIS = {"node-a-any": [topo.VNI_OUT], "ztunnel-a-any": [topo.VNI_OUT],
@@ -138,6 +149,30 @@ SCENARIOS: dict[str, dict] = {
             ("ztunnel-a-pistioin", "ztunnel-a", "pistioin", "ztunnel A Geneve device pistioin: the same at "
              "the ztunnel end, delivered to the transparent HBONE socket")],
         "geneve_vnis": {"ztunnel-a-eth0": [topo.VNI_IN, topo.VNI_OUT]},
+    },
+    "inpod": {
+        "description": "era C (Istio 1.21+) in-pod redirection: the client's connections are REDIRECTed "
+                       "inside pod A to the in-pod ztunnel's :15001, HBONE goes pod IP -> pod IP:15008 and is "
+                       "terminated inside pod B, which connects to the app over lo with the client pod IP as "
+                       "source; two sequential, three concurrent, one to a closed port (503); plain node NICs; "
+                       "Rust-ztunnel headers",
+        "dialect": "rust",
+        "inpod": True,
+        "overlay": "plain",
+        "steps": [[req("10.96.0.10:80", "/")], [req("10.96.0.10:80", "/bytes/3000")],
+                  [req("10.96.0.10:80", f"/bytes/{2000 + 1000 * i}?delay=0.1") for i in range(3)],
+                  [req("10.96.0.30:80", "/")]],
+    },
+    "inpod-vxlan": {
+        "description": "era C in-pod redirection as in inpod/, with the node-to-node link carrying the pod "
+                       "traffic inside the kernel's VXLAN (VNI 42, UDP 8472, as flannel/Cilium): node NIC "
+                       "captures show VXLAN/HBONE; one sequential, two concurrent, one to a closed port (503)",
+        "dialect": "rust",
+        "inpod": True,
+        "overlay": "vxlan",
+        "steps": [[req("10.96.0.10:80", "/bytes/1500")],
+                  [req("10.96.0.10:80", "/bytes/2500?delay=0.1"), req("10.96.0.10:80", "/bytes/3500?delay=0.1")],
+                  [req("10.96.0.30:80", "/")]],
     },
     "clock-offset": {
         "description": "four sequential requests; after capture every node-B file (node-b-*, "
@@ -249,6 +284,8 @@ class ScenarioRun:
     def capture_points(self) -> list[tuple[str, str, str, str]]:
         if self.spec.get("any"):
             return ANY_POINTS
+        if self.spec.get("inpod"):
+            return INPOD_POINTS
         points = list(CAPTURE_POINTS)
         if self.spec.get("waypoint"):
             points.insert(6, WAYPOINT_POINT)
@@ -292,6 +329,15 @@ class ScenarioRun:
         self.t0 = time.monotonic()
         server = self.start_daemon("server", "pod-b", [PYTHON, str(HERE / "apps.py"), "server",
                                                        str(self.logs / "server.jsonl"), "8080"])
+        if self.spec.get("inpod"):
+            # Era C: the ztunnel roles run inside the app pods' own namespaces.
+            zt_b = self.start_daemon("ztunnel-b", "pod-b", [PYTHON, str(HERE / "hbone_proxy.py"), str(
+                self.proxy_config("ztunnel-inbound", "ztunnel-b", listen_port=15008, transparent=False,
+                                  spoof_upstream_source=True, so_mark=topo.ZTUNNEL_MARK))])
+            zt_a = self.start_daemon("ztunnel-a", "pod-a", [PYTHON, str(HERE / "hbone_proxy.py"), str(
+                self.proxy_config("ztunnel-outbound", "ztunnel-a", listen_port=15001, transparent=False,
+                                  redirect=True, so_mark=topo.ZTUNNEL_MARK))])
+            return self._run(started, capture, server, zt_b, None, zt_a)
         zt_b = self.start_daemon("ztunnel-b", "ztunnel-b", [PYTHON, str(HERE / "hbone_proxy.py"), str(
             self.proxy_config("ztunnel-inbound", "ztunnel-b", listen_port=15008, transparent=True))])
         wp = None
@@ -301,6 +347,9 @@ class ScenarioRun:
         zt_a = self.start_daemon("ztunnel-a", "ztunnel-a", [PYTHON, str(HERE / "hbone_proxy.py"), str(
             self.proxy_config("ztunnel-outbound", "ztunnel-a", listen_port=15001, transparent=True,
                               spoof_source=bool(self.spec.get("spoof_source"))))])
+        return self._run(started, capture, server, zt_b, wp, zt_a)
+
+    def _run(self, started: int, capture: bool, server, zt_b, wp, zt_a) -> dict | None:
         self.wait_ready(server, zt_b, wp, zt_a)
         phases = {"daemons": time.monotonic()}
 
@@ -373,9 +422,12 @@ class ScenarioRun:
         offsets = self.spec.get("clock_offset_ns", {})
         for point, netns, iface, sees in self.capture_points():
             raw = self.work / f"{point}.raw.pcap"
+            vxlan = self.spec.get("overlay") == "vxlan" and netns.startswith("node-") and iface == "eth0"
             entry = {"namespace": topo.ns(netns), "node": node_of(netns), "interface": iface, "sees": sees,
-                     "geneve_vnis": {**(ANY_VNIS if self.spec.get("any") else GENEVE_VNIS),
-                                     **self.spec.get("geneve_vnis", {})}.get(point, []),
+                     "geneve_vnis": [] if self.spec.get("inpod") else
+                     {**(ANY_VNIS if self.spec.get("any") else GENEVE_VNIS),
+                      **self.spec.get("geneve_vnis", {})}.get(point, []),
+                     "vxlan_vnis": [topo.VXLAN_VNI] if vxlan else [],
                      "clock_offset_ns": 0, "tcpdump": stats.get(point, []), "truncation": None}
             if self.spec.get("any"):
                 ifnames = interface_names(netns)
@@ -446,6 +498,8 @@ def main() -> int:
 
     procs = topo.Processes()
     workdir = Path(tempfile.mkdtemp(prefix="hbonecap-lab-"))
+    geneve_names = [n for n in names if not SCENARIOS[n].get("inpod")]
+    inpod_names = [n for n in names if SCENARIOS[n].get("inpod")]
     topology = topo.Topology(workdir, procs, log)
 
     def on_signal(signum, frame):
@@ -456,15 +510,29 @@ def main() -> int:
     status = 1
     try:
         pkis = pki.make_pki(workdir / "pki", IDENTITIES)
-        log("building topology (namespaces hbl-*, Open vSwitch userspace Geneve)")
-        topology.build()
-        # One uncaptured pass over every Service warms ARP and OVS tunnel neighbour caches, so the
-        # scenarios do not start with a lost first SYN (as on a cluster that has been running).
-        ScenarioRun("warmup", WARMUP, procs, workdir, pkis, workdir).run(capture=False)
-        ScenarioRun("warmup-spoof", dict(WARMUP, spoof_source=True, steps=[[req("10.96.0.10:80", "/")]]),
-                    procs, workdir, pkis, workdir).run(capture=False)
-        for name in names:
-            ScenarioRun(name, SCENARIOS[name], procs, workdir, pkis, args.out).run()
+        if geneve_names:
+            log("building topology (namespaces hbl-*, Open vSwitch userspace Geneve)")
+            topology.build()
+            # One uncaptured pass over every Service warms ARP and OVS tunnel neighbour caches, so the
+            # scenarios do not start with a lost first SYN (as on a cluster that has been running).
+            ScenarioRun("warmup", WARMUP, procs, workdir, pkis, workdir).run(capture=False)
+            ScenarioRun("warmup-spoof", dict(WARMUP, spoof_source=True, steps=[[req("10.96.0.10:80", "/")]]),
+                        procs, workdir, pkis, workdir).run(capture=False)
+            for name in geneve_names:
+                ScenarioRun(name, SCENARIOS[name], procs, workdir, pkis, args.out).run()
+            topology.teardown()
+        if inpod_names:
+            # Era C needs another topology (no ztunnel pods, no Geneve): same namespace names, built anew.
+            topology = topo.InpodTopology(workdir, procs, log)
+            log("building in-pod topology (namespaces hbl-pod-a/-b, hbl-node-a/-b, kernel VXLAN)")
+            topology.build()
+            for name in inpod_names:
+                spec = SCENARIOS[name]
+                topology.set_overlay(spec["overlay"])
+                warm = {"description": "uncaptured in-pod warm-up", "dialect": "rust", "inpod": True,
+                        "overlay": spec["overlay"], "steps": [[req("10.96.0.10:80", "/")]]}
+                ScenarioRun(f"warmup-{name}", warm, procs, workdir, pkis, workdir).run(capture=False)
+                ScenarioRun(name, spec, procs, workdir, pkis, args.out).run()
         status = 0
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc}); tearing down")

@@ -353,6 +353,115 @@ table ip hbl_tproxy {{
         remove_namespaces(self.log)
 
 
+# --------------------------------------------------------------------------- era C (in-pod)
+
+INPOD_NAMESPACES = ["pod-a", "node-a", "node-b", "pod-b"]
+ZTUNNEL_MARK = 0x539        # istio-cni in-pod: ztunnel's own sockets (SO_MARK), never redirected
+CONN_MARK = 0x111           # istio-cni in-pod: connections ztunnel opened with a spoofed source
+INPOD_ROUTE_TABLE = 133     # istio-cni in-pod: "local 0.0.0.0/0 dev lo" for CONN_MARK packets
+VXLAN_VNI, VXLAN_PORT = 42, 8472  # flannel's defaults (VNI 1, 8472); 42 so it is not mistaken for 1
+VXLAN_NODE_IP = {"node-a": "10.244.1.0", "node-b": "10.244.2.0"}  # flannel: <pod cidr>.0/32 on the device
+
+
+class InpodTopology(Topology):
+    """Era C (Istio 1.21+): no ztunnel pods, no Geneve; ztunnel's sockets live inside each app pod.
+
+    Namespaces ``hbl-pod-a``, ``hbl-node-a``, ``hbl-node-b``, ``hbl-pod-b`` (the same names as the
+    Geneve topology, which is torn down before this one is built). Nodes route the other node's pod
+    /24 either over the plain underlay or, after ``set_overlay("vxlan")``, over a kernel VXLAN
+    device ``vxlan0`` (VNI 42, UDP 8472, point-to-point between the node underlay addresses), as
+    flannel/Cilium do. Inside each pod, nftables rules modelled on istio-cni's in-pod rules:
+
+    - nat output: TCP from the app (not marked 0x539, not to loopback or to the pod itself) is
+      REDIRECTed to :15001 (the in-pod ztunnel's outbound listener);
+    - ztunnel's sockets carry SO_MARK 0x539; its connections with a spoofed (non-pod) source get
+      conntrack mark 0x111; the app's replies in those connections get fwmark 0x111 and are routed by
+      table 133 (``local 0.0.0.0/0 dev lo``) back to ztunnel over lo.
+    """
+
+    def build(self) -> None:
+        for name in INPOD_NAMESPACES:
+            if Path(f"/run/netns/{ns(name)}").exists():
+                raise RuntimeError(f"namespace {ns(name)} exists: a previous lab run did not clean up; "
+                                   f"run `python3 samples/lab/lab.py --cleanup`")
+        for name in INPOD_NAMESPACES:
+            run("ip", "netns", "add", ns(name))
+            self.created.append(name)
+            for cmd in (["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                        ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+                        ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
+                        ["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"],
+                        ["ip", "link", "set", "lo", "up"]):
+                nsrun(name, *cmd)
+        for node in ("node-a", "node-b"):
+            nsrun(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.veth("pod-a", "eth0", "node-a", "vethpoda")
+        # Underlay MTU 1600: room for the 50-byte VXLAN header around 1500-byte pod packets.
+        self.veth("node-a", "eth0", "node-b", "eth0", mtu=1600)
+        self.veth("pod-b", "eth0", "node-b", "vethpodb")
+        self.addr("node-a", "eth0", f"{NODE_A}/16")
+        self.addr("node-b", "eth0", f"{NODE_B}/16")
+        for pod, node, dev, ip, gw in (("pod-a", "node-a", "vethpoda", POD_A, NODE_A_POD_GW),
+                                       ("pod-b", "node-b", "vethpodb", POD_B, NODE_B_POD_GW)):
+            self.addr(pod, "eth0", f"{ip}/32")
+            nsrun(pod, "ip", "route", "add", gw, "dev", "eth0", "scope", "link")
+            nsrun(pod, "ip", "route", "add", "default", "via", gw, "dev", "eth0")
+            self.addr(node, dev, f"{gw}/32")
+            nsrun(node, "ip", "route", "add", f"{ip}/32", "dev", dev)
+            self.inpod_rules(pod, ip)
+        for node, local, remote in (("node-a", NODE_A, NODE_B), ("node-b", NODE_B, NODE_A)):
+            nsrun(node, "ip", "link", "add", "vxlan0", "type", "vxlan", "id", str(VXLAN_VNI), "dstport",
+                  str(VXLAN_PORT), "local", local, "remote", remote, "dev", "eth0")
+            nsrun(node, "ip", "link", "set", "vxlan0", "mtu", "1500")
+            self.addr(node, "vxlan0", f"{VXLAN_NODE_IP[node]}/32")
+        self.overlay = None
+        self.set_overlay("plain")
+        for name in INPOD_NAMESPACES:
+            for dev in self.devices(name):
+                no_offloads(name, dev)
+
+    def inpod_rules(self, pod: str, pod_ip: str) -> None:
+        self.nft(pod, f"""
+table ip hbl_inpod {{
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
+    ip daddr 127.0.0.0/8 return
+    ip daddr {pod_ip} return
+    meta l4proto tcp redirect to :15001
+  }}
+  chain output {{
+    type route hook output priority mangle; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} ip saddr != {pod_ip} ct mark set {CONN_MARK:#x}
+    meta mark & 0xfff != {ZTUNNEL_MARK:#x} ct mark {CONN_MARK:#x} meta mark set {CONN_MARK:#x}
+  }}
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "lo" ct mark {CONN_MARK:#x} meta mark set {CONN_MARK:#x}
+  }}
+}}""")
+        nsrun(pod, "ip", "rule", "add", "fwmark", f"{CONN_MARK:#x}/0xfff", "lookup", str(INPOD_ROUTE_TABLE),
+              "priority", "100")
+        nsrun(pod, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(INPOD_ROUTE_TABLE))
+
+    def set_overlay(self, mode: str) -> None:
+        """Route the other node's pod /24 over the plain underlay or inside VXLAN."""
+        for node, other, remote_pods in (("node-a", "node-b", "10.244.2.0/24"),
+                                         ("node-b", "node-a", "10.244.1.0/24")):
+            if mode == "vxlan":
+                nsrun(node, "ip", "link", "set", "vxlan0", "up")
+                nsrun(node, "ip", "route", "replace", remote_pods, "via", VXLAN_NODE_IP[other], "dev", "vxlan0",
+                      "onlink")
+            else:
+                nsrun(node, "ip", "route", "replace", remote_pods, "via",
+                      NODE_B if other == "node-b" else NODE_A, "dev", "eth0")
+                nsrun(node, "ip", "link", "set", "vxlan0", "down")
+        self.overlay = mode
+
+    def teardown(self) -> None:
+        remove_namespaces(self.log)
+
+
 def remove_namespaces(log=print) -> None:
     for name in NAMESPACES:
         path = Path(f"/run/netns/{ns(name)}")

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 SCHEMA = "hbonecap-lab-truth/1"
+# tshark decodes VXLAN on 4789 only; the in-pod VXLAN overlay (flannel style) uses 8472.
+DECODE_AS = ["-d", "udp.port==8472,vxlan"]
 
 
 def stamp(ns: int | None) -> dict | None:
@@ -43,7 +45,7 @@ def tshark_packets(path: Path) -> list[dict]:
     """Every packet's TCP view (innermost IP header, so Geneve-encapsulated packets count too)."""
     fields = ["frame.number", "frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport",
               "tcp.flags", "tcp.len", "geneve.vni"]
-    cmd = ["tshark", "-r", str(path), "-n", "-T", "fields", "-E", "separator=\t", "-E", "occurrence=l"]
+    cmd = ["tshark", "-r", str(path), "-n", *DECODE_AS, "-T", "fields", "-E", "separator=\t", "-E", "occurrence=l"]
     for name in fields:
         cmd += ["-e", name]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -66,7 +68,7 @@ def _as_list(value) -> list:
 
 def tshark_http2(path: Path, keylog: Path) -> list[dict]:
     """Every decrypted HTTP/2 frame: frame number, time, TCP endpoints, stream, type, flags, headers."""
-    cmd = ["tshark", "-r", str(path), "-n", "-o", f"tls.keylog_file:{keylog}", "-d", "tcp.port==15008,tls",
+    cmd = ["tshark", "-r", str(path), "-n", *DECODE_AS, "-o", f"tls.keylog_file:{keylog}", "-d", "tcp.port==15008,tls",
            "-Y", "http2", "-T", "json", "--no-duplicate-keys", "-J", "frame ip tcp http2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     frames = []
@@ -93,16 +95,20 @@ def tshark_http2(path: Path, keylog: Path) -> list[dict]:
 SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
 
 
-def tcp_anchors(packets: list[dict], client: str, server: str) -> dict:
-    """SYN, SYN-ACK, first payload each way, FIN each way, first RST of one TCP connection."""
+def tcp_anchors(packets: list[dict], client: str, server: str, redirected_to: str | None = None) -> dict:
+    """SYN, SYN-ACK, first payload each way, FIN each way, first RST of one TCP connection.
+
+    With redirected_to (nftables REDIRECT seen on the client pod's lo), the client's packets go to
+    redirected_to while the replies come from server (the original destination): one-way tuples."""
     anchors: dict = {}
     n_c2s = n_s2c = 0
+    to = redirected_to or server
 
     def put(name: str, pkt: dict) -> None:
         anchors.setdefault(name, {"frame": pkt["frame"], **stamp(pkt["ns"])})
 
     for pkt in packets:
-        if pkt["src"] == client and pkt["dst"] == server:
+        if pkt["src"] == client and pkt["dst"] == to:
             c2s = True
         elif pkt["src"] == server and pkt["dst"] == client:
             c2s = False
@@ -164,6 +170,15 @@ def stream_anchors(frames: list[dict], client: str, server: str, stream_id: int)
 
 # --------------------------------------------------------------------------- build
 
+def trace_id(headers) -> str | None:
+    """The W3C trace id of a CONNECT's traceparent (what ztunnel logs as id=), or None."""
+    for name, value in headers or []:
+        if name == "traceparent":
+            parts = value.split("-")
+            return parts[1] if len(parts) == 4 else None
+    return None
+
+
 def build(run, points: dict, started: int, ended: int) -> dict:
     logs = run.out / "logs"
     client_log = [r for r in read_jsonl(logs / "client.jsonl") if r["kind"] == "client_conn"]
@@ -187,7 +202,8 @@ def build(run, points: dict, started: int, ended: int) -> dict:
         p["decrypted_http2_frames"] = len(h2frames[name])
 
     def tcp_leg(name: str, kind: str, client: str, server: str, logged_by: list[str], **extra) -> dict:
-        seen = {pt: a for pt in points if (a := tcp_anchors(packets[pt], client, server))}
+        seen = {pt: a for pt in points
+                if (a := tcp_anchors(packets[pt], client, server, extra.get("redirected_to")))}
         return {"name": name, "kind": kind, "client": client, "server": server, "logged_by": logged_by,
                 **extra, "packets": seen}
 
@@ -200,9 +216,10 @@ def build(run, points: dict, started: int, ended: int) -> dict:
                 seen[pt] = anchors
         return {"name": name, "kind": "hbone", "client": client, "server": server, "stream_id": stream_id,
                 "new_hbone_connection": new, "request_headers": headers, "status": status,
-                "logged_by": logged_by, "packets": seen}
+                "trace_id": trace_id(headers), "logged_by": logged_by, "packets": seen}
 
     services = run.services()
+    inpod = bool(run.spec.get("inpod"))
     connections = []
     for rec in sorted(client_log, key=lambda r: r["index"]):
         svc = services.get(rec["dst"], {})
@@ -224,9 +241,16 @@ def build(run, points: dict, started: int, ended: int) -> dict:
             conn["problem"] = "no ztunnel-a record for this client connection"
             connections.append(conn)
             continue
-        conn["hops"].append(tcp_leg("client->ztunnel-a", "tcp", zta["client"], zta["original_dst"],
-                                    ["client", "ztunnel-a"], note="TPROXY: the server side is the original "
-                                    "destination (ClusterIP), terminated by ztunnel A"))
+        if inpod:
+            conn["hops"].append(tcp_leg(
+                "client->ztunnel-a", "tcp", zta["client"], zta["original_dst"], ["client", "ztunnel-a"],
+                redirected_to=zta["accepted_on"], note="in-pod nftables REDIRECT inside pod A: the client's "
+                "packets go to redirected_to (ztunnel's 127.0.0.1:15001, on pod A's lo), the replies come "
+                "from the original destination (ClusterIP)"))
+        else:
+            conn["hops"].append(tcp_leg("client->ztunnel-a", "tcp", zta["client"], zta["original_dst"],
+                                        ["client", "ztunnel-a"], note="TPROXY: the server side is the original "
+                                        "destination (ClusterIP), terminated by ztunnel A"))
         hop = hbone_hop("ztunnel-a->" + ("waypoint" if zta.get("via_waypoint") else "ztunnel-b"),
                         zta["hbone"]["local"], zta["hbone"]["remote"], zta["stream_id"], zta["request_headers"],
                         zta.get("status"), zta.get("hbone_new"), ["ztunnel-a"])
@@ -248,13 +272,16 @@ def build(run, points: dict, started: int, ended: int) -> dict:
             conn["hops"][-1]["status_sent_by_ztunnel_b"] = ztb.get("status")
             if "upstream" in ztb:
                 server = servers.get(ztb["upstream"]["local"])
+                extra = {"spoofed_source": True, "note": "in-pod ztunnel B -> app over pod B's lo, source "
+                         "= the client pod's IP (IP_TRANSPARENT), port chosen by the kernel"} if inpod else {}
                 conn["hops"].append(tcp_leg("ztunnel-b->pod-b", "tcp", ztb["upstream"]["local"],
                                             ztb["upstream"]["remote"],
                                             ["ztunnel-b"] + (["server"] if server else []),
-                                            server_request=(server or {}).get("request")))
+                                            server_request=(server or {}).get("request"), **extra))
             elif "upstream_error" in ztb:
                 conn["hops"][-1]["upstream_error"] = ztb["upstream_error"]
         conn["hbone_status"] = zta.get("status")
+        conn["trace_id"] = trace_id(zta["request_headers"])
         connections.append(conn)
 
     hbone_connections = []
@@ -284,6 +311,41 @@ def build(run, points: dict, started: int, ended: int) -> dict:
 
     from lab import IDENTITIES, SERVICES, tool_versions  # noqa: E402 (lab.py is the caller)
     import topology as topo
+    topology = {
+        "nodes": {"node-a": topo.NODE_A, "node-b": topo.NODE_B},
+        "pods": {"pod-a": {"ip": topo.POD_A, "node": "node-a", "identity": IDENTITIES["ztunnel-a"]},
+                 "pod-b": {"ip": topo.POD_B, "node": "node-b", "identity": IDENTITIES["ztunnel-b"],
+                           "listens": [8080]},
+                 "ztunnel-a": {"ip": topo.ZTUNNEL_A, "node": "node-a"},
+                 "ztunnel-b": {"ip": topo.ZTUNNEL_B, "node": "node-b"},
+                 "waypoint": {"ip": topo.WAYPOINT, "node": "node-b", "identity": IDENTITIES["waypoint"]}},
+        "services": SERVICES,
+        "tunnels": [
+            {"name": "istioout", "vni": topo.VNI_OUT, "udp_port": 6081, "node_end": "node-a istioout "
+             "192.168.127.1/30 (outer 10.244.1.1)", "ztunnel_end": "ztunnel-a pistioout 192.168.127.2/30 "
+             "(outer 10.244.1.3)"},
+            {"name": "istioin", "vni": topo.VNI_IN, "udp_port": 6081, "node_end": "node-b istioin "
+             "192.168.126.1/30 (outer 10.244.2.1)", "ztunnel_end": "ztunnel-b pistioin 192.168.126.2/30 "
+             "(outer 10.244.2.3)"}],
+    }
+    if inpod:
+        # Era C: no ztunnel pods and no Geneve; the ztunnels' sockets live in the app pods.
+        topology["pods"] = {k: v for k, v in topology["pods"].items() if k in ("pod-a", "pod-b")}
+        topology["services"] = {k: v for k, v in SERVICES.items() if "waypoint" not in v}
+        topology["tunnels"] = []
+        topology["ztunnels"] = {
+            "ztunnel-a": {"inpod": "pod-a", "ip": topo.POD_A, "node": "node-a", "outbound": "127.0.0.1:15001",
+                          "identity": IDENTITIES["ztunnel-a"]},
+            "ztunnel-b": {"inpod": "pod-b", "ip": topo.POD_B, "node": "node-b", "inbound": f"{topo.POD_B}:15008",
+                          "identity": IDENTITIES["ztunnel-b"]}}
+        topology["inpod_rules"] = {"ztunnel_mark": hex(topo.ZTUNNEL_MARK), "conn_mark": hex(topo.CONN_MARK),
+                                   "route_table": topo.INPOD_ROUTE_TABLE,
+                                   "redirect": "nat output: tcp not marked 0x539, not to 127/8 or the pod "
+                                               "itself -> redirect to :15001"}
+        if run.spec.get("overlay") == "vxlan":
+            topology["overlay"] = {"kind": "vxlan", "device": "vxlan0", "vni": topo.VXLAN_VNI,
+                                   "udp_port": topo.VXLAN_PORT, "ends": {"node-a": topo.NODE_A, "node-b": topo.NODE_B},
+                                   "device_ips": topo.VXLAN_NODE_IP}
     return {
         "schema": SCHEMA,
         "scenario": run.name,
@@ -294,23 +356,9 @@ def build(run, points: dict, started: int, ended: int) -> dict:
         "run": {"start": stamp(started), "end": stamp(ended), "tools": tool_versions()},
         "keylog": "keylog.txt",
         "logs": sorted(f"logs/{p.name}" for p in logs.glob("*.jsonl")),
-        "topology": {
-            "nodes": {"node-a": topo.NODE_A, "node-b": topo.NODE_B},
-            "pods": {"pod-a": {"ip": topo.POD_A, "node": "node-a", "identity": IDENTITIES["ztunnel-a"]},
-                     "pod-b": {"ip": topo.POD_B, "node": "node-b", "identity": IDENTITIES["ztunnel-b"],
-                               "listens": [8080]},
-                     "ztunnel-a": {"ip": topo.ZTUNNEL_A, "node": "node-a"},
-                     "ztunnel-b": {"ip": topo.ZTUNNEL_B, "node": "node-b"},
-                     "waypoint": {"ip": topo.WAYPOINT, "node": "node-b", "identity": IDENTITIES["waypoint"]}},
-            "services": SERVICES,
-            "tunnels": [
-                {"name": "istioout", "vni": topo.VNI_OUT, "udp_port": 6081, "node_end": "node-a istioout "
-                 "192.168.127.1/30 (outer 10.244.1.1)", "ztunnel_end": "ztunnel-a pistioout 192.168.127.2/30 "
-                 "(outer 10.244.1.3)"},
-                {"name": "istioin", "vni": topo.VNI_IN, "udp_port": 6081, "node_end": "node-b istioin "
-                 "192.168.126.1/30 (outer 10.244.2.1)", "ztunnel_end": "ztunnel-b pistioin 192.168.126.2/30 "
-                 "(outer 10.244.2.3)"}],
-        },
+        "redirection": "inpod" if inpod else "geneve",
+        "overlay": run.spec.get("overlay") if inpod else None,
+        "topology": topology,
         "capture_points": points,
         "clock_offsets": offsets,
         "connections": connections,

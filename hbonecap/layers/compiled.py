@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from hbonecap import config as C
 from hbonecap.capture.records import RecordBatch
@@ -91,6 +94,25 @@ def _port_classes(config: DecodeConfig) -> np.ndarray:
 
 # -- the compiled walk ---------------------------------------------------------------------------------------
 
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """A hint to bring the cache line of arr[idx] in (llvm.prefetch: read, keep); never faults, so idx may lie
+    past the end of the array."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, nogil=True)
 def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, gen_kind, null_af6, limits,
          cols, reject):
@@ -106,12 +128,11 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
     max_rounds = limits[3]
     n = base.shape[0]
     rejected = 0
-    warm = np.int64(0)
-    last = buf.shape[0] - 1
     for i in range(n):
-        if i + AHEAD < n:            # load the headers of a packet ahead: a prefetch overlapping this packet's work
+        if i + AHEAD < n:            # the headers of a packet ahead: memory latency, not decoding, is the limit
             w = base[i + AHEAD]
-            warm += buf[w] + buf[min(w + 63, last)]
+            _prefetch(buf, w)
+            _prefetch(buf, w + 64)
         k = np.int64(kind[i])
         p = base[i]
         cap = caplen[i]
@@ -469,7 +490,7 @@ def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, g
         else:
             reject[i] = 1
             rejected += 1
-    return rejected, warm
+    return rejected
 
 
 # -- the batch entry point -----------------------------------------------------------------------------------
@@ -520,7 +541,7 @@ def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfi
     limits = np.array([config.max_tunnel_depth, config.max_extension_headers, config.max_vlan_tags,
                        unwrap.max_rounds(config)], dtype=np.int64)
     cols = tuple(getattr(ctx, name) for name in COLUMNS)
-    nrej, _ = _checked_walk()(ctx.buf, ctx.base, ctx.caplen, ctx.origlen, _port_classes(config), *_TABLES, limits, cols, reject)
+    nrej = _checked_walk()(ctx.buf, ctx.base, ctx.caplen, ctx.origlen, _port_classes(config), *_TABLES, limits, cols, reject)
     if nrej:
         rej = np.flatnonzero(reject)
         sub = RecordBatch(batch.buf, batch.data_off[rej], batch.caplen[rej], batch.origlen[rej], batch.ts_ns[rej],

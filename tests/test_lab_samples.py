@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import statistics
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+# HBONECAP_LAB_SAMPLES checks another lab output directory (e.g. `lab.py --out /tmp/x`).
+SAMPLES = Path(os.environ.get("HBONECAP_LAB_SAMPLES") or Path(__file__).resolve().parent.parent / "samples")
 TRUTH_FILES = sorted(SAMPLES.glob("*/truth.json"))
 TSHARK = shutil.which("tshark")
 
@@ -44,7 +46,8 @@ def truth(request):
 # --------------------------------------------------------------------------- tshark helpers
 
 def _tshark(*args: str) -> str:
-    proc = subprocess.run([TSHARK, "-n", *args], capture_output=True, text=True)
+    # VXLAN on 8472 (the in-pod overlay, flannel style): tshark decodes VXLAN on 4789 only.
+    proc = subprocess.run([TSHARK, "-n", "-d", "udp.port==8472,vxlan", *args], capture_output=True, text=True)
     assert proc.returncode == 0, f"tshark {' '.join(args)} failed: {proc.stderr}"
     return proc.stdout
 
@@ -58,7 +61,8 @@ def _ns(text: str) -> int:
 def packets(path: Path) -> list[dict]:
     """One tshark pass per file: time, innermost IP/TCP view, Geneve fields of every packet."""
     fields = ["frame.number", "frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", "tcp.flags",
-              "tcp.len", "ip.id", "tcp.seq_raw", "tcp.ack_raw", "geneve.vni", "udp.dstport", "geneve.proto_type"]
+              "tcp.len", "ip.id", "tcp.seq_raw", "tcp.ack_raw", "geneve.vni", "udp.dstport", "geneve.proto_type",
+              "vxlan.vni"]
     args = ["-r", str(path), "-T", "fields", "-E", "occurrence=l"]
     for name in fields:
         args += ["-e", name]
@@ -74,7 +78,8 @@ def packets(path: Path) -> list[dict]:
                              c["tcp.seq_raw"], c["tcp.ack_raw"], c["tcp.len"]),
                      "vni": int(c["geneve.vni"], 16) if c["geneve.vni"] else None,
                      "udp_dport": int(c["udp.dstport"]) if c["udp.dstport"] else None,
-                     "geneve_proto": c["geneve.proto_type"]})
+                     "geneve_proto": c["geneve.proto_type"],
+                     "vxlan_vni": int(c["vxlan.vni"]) if c.get("vxlan.vni") else None})
     return rows
 
 
@@ -194,6 +199,18 @@ def test_geneve_vnis(truth):
             assert proto == "0x6558", f"{point}: Geneve inner protocol {proto} is not Ethernet"
 
 
+def test_vxlan_vnis(truth):
+    """In-pod VXLAN variant: node NICs carry VXLAN (UDP 8472, the truth's VNI); elsewhere no VXLAN at all."""
+    for point, meta in truth["capture_points"].items():
+        rows = packets(_file(truth, point))
+        vnis = sorted({p["vxlan_vni"] for p in rows if p["vxlan_vni"] is not None})
+        assert vnis == sorted(meta.get("vxlan_vnis", [])), f"{point}: VXLAN VNIs {vnis}, truth {meta.get('vxlan_vnis')}"
+        if vnis:
+            assert all(p["udp_dport"] == truth["topology"]["overlay"]["udp_port"] for p in rows if p["vxlan_vni"])
+            # Everything between the nodes is inside the overlay: no bare pod TCP on the node NIC.
+            assert all(p["vxlan_vni"] is not None for p in rows if p["tcp"]), point
+
+
 def test_connect_headers_and_status(truth):
     keylog = _keylog(truth)
     decrypted = {p: http2_frames(_file(truth, p), keylog) for p in truth["capture_points"]}
@@ -247,7 +264,11 @@ def test_hbone_source_address(truth):
         if not hop["name"].startswith("ztunnel-a->"):
             continue
         source_ip = hop["client"].rsplit(":", 1)[0]
-        if truth.get("spoof_source"):
+        if truth.get("redirection") == "inpod":
+            # Era C: HBONE leaves the client pod from its own IP to the destination pod IP:15008.
+            assert source_ip == conn["client"].rsplit(":", 1)[0] == pods["pod-a"]["ip"], conn["id"]
+            assert hop["server"] == f"{pods['pod-b']['ip']}:15008", conn["id"]
+        elif truth.get("spoof_source"):
             assert source_ip == conn["client"].rsplit(":", 1)[0], conn["id"]
         else:
             assert source_ip == pods["ztunnel-a"]["ip"], conn["id"]
@@ -270,11 +291,15 @@ def test_outcomes(truth):
 
 
 def test_client_leg_on_pod_a(truth):
-    point = next(p for p, m in truth["capture_points"].items() if m["namespace"] == "hbl-pod-a")
+    inpod = truth.get("redirection") == "inpod"
+    # In-pod: the app's leg exists only on pod A's lo (REDIRECT to the in-pod ztunnel).
+    point = next(p for p, m in truth["capture_points"].items() if m["namespace"] == "hbl-pod-a"
+                 and (m["interface"] == "lo" or not inpod))
     packets = tcp_packets(_file(truth, point))
     for conn in truth["connections"]:
         client, server = conn["client"], conn["original_dst"]
-        c2s = [p for p in packets if p["src"] == client and p["dst"] == server]
+        to = conn["hops"][0].get("redirected_to") or server
+        c2s = [p for p in packets if p["src"] == client and p["dst"] == to]
         s2c = [p for p in packets if p["src"] == server and p["dst"] == client]
         assert any(p["flags"] & 0x02 for p in c2s), f"{conn['id']}: no SYN {client} -> {server} at {point}"
         if truth["capture_points"][point]["format"] == "pcap":  # -i any shows each packet once per interface
@@ -355,3 +380,96 @@ def test_clock_offset(truth):
             if "connect" in anchors and points[point]["clock_offset_ns"]:
                 true_ns = anchors["connect"]["ns"] - points[point]["clock_offset_ns"]
                 assert conn["start"]["ns"] < true_ns < conn["end"]["ns"], (conn["id"], point)
+
+
+# --------------------------------------------------------------------------- era C (in-pod)
+
+def _inpod(truth):
+    if truth.get("redirection") != "inpod":
+        pytest.skip("not an in-pod (era C) scenario")
+    return truth["topology"]
+
+
+def _point(truth, netns: str, iface: str) -> str:
+    return next(p for p, m in truth["capture_points"].items()
+                if m["namespace"] == f"hbl-{netns}" and m["interface"] == iface)
+
+
+def test_inpod_redirect_one_way_tuples(truth):
+    """Pod A's lo shows the REDIRECT's one-way tuples: client -> 127.0.0.1:15001, replies from the
+    original destination (ClusterIP); pod A's eth0 never shows the app leg, only HBONE."""
+    topo = _inpod(truth)
+    lo = tcp_packets(_file(truth, _point(truth, "pod-a", "lo")))
+    eth0 = tcp_packets(_file(truth, _point(truth, "pod-a", "eth0")))
+    outbound = topo["ztunnels"]["ztunnel-a"]["outbound"]
+    for conn in truth["connections"]:
+        leg = conn["hops"][0]
+        assert leg["name"] == "client->ztunnel-a" and leg["redirected_to"] == outbound
+        syn = [p for p in lo if p["src"] == conn["client"] and p["dst"] == outbound and p["flags"] & 0x12 == 0x02]
+        syn_ack = [p for p in lo if p["src"] == conn["original_dst"] and p["dst"] == conn["client"]
+                   and p["flags"] & 0x12 == 0x12]
+        assert syn and syn_ack, conn["id"]
+        assert leg["packets"]["pod-a-lo"]["syn"]["frame"] == syn[0]["frame"]
+        assert leg["packets"]["pod-a-lo"]["syn_ack"]["frame"] == syn_ack[0]["frame"]
+        assert not [p for p in lo if p["src"] == outbound and p["dst"] == conn["client"]], conn["id"]
+        assert not [p for p in eth0 if conn["client"] in (p["src"], p["dst"])], conn["id"]
+    hbone_ports = {"15008"}
+    for p in eth0:
+        assert hbone_ports & {p["src"].rsplit(":", 1)[1], p["dst"].rsplit(":", 1)[1]}, p
+
+
+def test_inpod_spoofed_server_leg(truth):
+    """Pod B's lo: in-pod ztunnel -> app with the client pod IP as source; the HBONE peer address, the
+    forwarded header's IP and the server's peer agree; pod B's eth0 shows HBONE only."""
+    topo = _inpod(truth)
+    lo = tcp_packets(_file(truth, _point(truth, "pod-b", "lo")))
+    eth0 = tcp_packets(_file(truth, _point(truth, "pod-b", "eth0")))
+    pod_a, pod_b = topo["pods"]["pod-a"]["ip"], topo["pods"]["pod-b"]["ip"]
+    for conn in truth["connections"]:
+        hbone = next(h for h in conn["hops"] if h["kind"] == "hbone")
+        forwarded = dict(hbone["request_headers"])["forwarded"]
+        assert forwarded == f'for="{conn["client"]}"'
+        legs = [h for h in conn["hops"] if h["name"] == "ztunnel-b->pod-b"]
+        if conn["expected_hbone_status"] != 200:
+            assert not legs and "upstream_error" in hbone, conn["id"]
+            continue
+        (leg,) = legs
+        assert leg["spoofed_source"] and leg["client"].rsplit(":", 1)[0] == pod_a, conn["id"]
+        assert leg["client"] != conn["client"]  # the kernel picks a new port for the spoofed connection
+        assert leg["server"] == f"{pod_b}:8080"
+        assert leg["server_request"] == conn["request"] + " HTTP/1.1"
+        c2s = [p for p in lo if p["src"] == leg["client"] and p["dst"] == leg["server"]]
+        s2c = [p for p in lo if p["src"] == leg["server"] and p["dst"] == leg["client"]]
+        assert c2s and s2c and c2s[0]["flags"] & 0x02, conn["id"]
+        assert payload_bytes(s2c) == conn["bytes_server_to_client"], conn["id"]
+        assert list(leg["packets"]) == ["pod-b-lo"], conn["id"]
+    for p in eth0:
+        assert "15008" in (p["src"].rsplit(":", 1)[1], p["dst"].rsplit(":", 1)[1]), p
+
+
+def test_inpod_trace_ids(truth):
+    """One fresh traceparent trace id per client connection, recorded as trace_id."""
+    _inpod(truth)
+    ids = []
+    for conn in truth["connections"]:
+        hbone = next(h for h in conn["hops"] if h["kind"] == "hbone")
+        traceparent = dict(hbone["request_headers"])["traceparent"]
+        assert conn["trace_id"] == hbone["trace_id"] == traceparent.split("-")[1], conn["id"]
+        ids.append(conn["trace_id"])
+    assert len(set(ids)) == len(ids)
+
+
+def test_inpod_hop_order(truth):
+    """Along one connection the key packets appear in path order, on one clock (one VM): client SYN on pod A's
+    lo, CONNECT on pod A's eth0, node A, node B, pod B's eth0, then the spoofed SYN on pod B's lo, then the 200
+    back at pod A's eth0; the node NIC copies trail the pod NIC copies by less than 1 ms."""
+    _inpod(truth)
+    for conn in truth["connections"]:
+        client_leg, hbone = conn["hops"][0], conn["hops"][1]
+        times = [client_leg["packets"]["pod-a-lo"]["syn"]["ns"]]
+        times += [hbone["packets"][p]["connect"]["ns"] for p in ("pod-a-eth0", "node-a-eth0", "node-b-eth0", "pod-b-eth0")]
+        if len(conn["hops"]) > 2:
+            times.append(conn["hops"][2]["packets"]["pod-b-lo"]["syn"]["ns"])
+        times.append(hbone["packets"]["pod-a-eth0"]["response"]["ns"])
+        assert times == sorted(times), conn["id"]
+        assert hbone["packets"]["pod-b-eth0"]["connect"]["ns"] - hbone["packets"]["pod-a-eth0"]["connect"]["ns"] < 1_000_000

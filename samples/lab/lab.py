@@ -357,7 +357,9 @@ class ScenarioRun:
         dumps = []
         for point, netns, iface, _ in (self.capture_points() if capture else []):
             raw = self.work / f"{point}.raw.pcap"
-            argv = ["tcpdump", "-i", iface, "-n", "-U", "-Z", "root", "-s", "262144",
+            # --immediate-mode: without it packets wait in the kernel ring for up to tcpdump's 1 s buffer
+            # timeout, and those still waiting at SIGINT are lost ("received by filter" > "captured").
+            argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "262144",
                     "--time-stamp-precision=nano", "-w", str(raw)]
             popen = self.procs.start(f"tcpdump {point}", netns, argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)

@@ -885,14 +885,22 @@ class _Correlator:
             self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}
         pk = self._tcp_by_lconn.get(t)
         events = []
+        # a new HBONE connection opened for this client starts with the TLS handshake: its first segments are
+        # not the CONNECT, so connect is left unknown then; app bytes are tunnelled only after the 200
+        new_tunnel = (self.leg_time(t, "first_c2s") or 0) >= (self.leg_time(f.app, "syn") or 0) - TOL
         anchors = (("connect", 0, f.app, "syn"), ("connect_response", 1, f.delivery, "syn_ack"),
                    ("first_request_byte", 0, f.app, "data_c2s"), ("first_response_byte", 1, f.delivery, "data_s2c"))
         if pk is not None and cl_list and sv_list:
             key = ["dir", "seq", "ack", "tsval", "fl"]
+            response_at_client = None
             for ev, d, leg, col in anchors:
+                if ev == "connect" and new_tunnel:
+                    continue
                 after = self.leg_time(leg, col) if leg is not None else None
                 if after is None:
                     continue
+                if ev == "first_request_byte" and response_at_client is not None:
+                    after = max(after, response_at_client)
                 src_list = cl_list if d == 0 else sv_list
                 src = src_list[0]
                 sc = self.cap_index[src]
@@ -906,6 +914,8 @@ class _Correlator:
                 row = self._event_row(ev, d, times, cl_list, sv_list)
                 if row:
                     events.append(row)
+                    if ev == "connect_response" and row.get("dst_ts") is not None:
+                        response_at_client = row["dst_ts"]
         return {"hop": f"{clabel} -> {slabel}", "hop_index": idx, "kind": "hbone",
                 "connection": f"{lc['client']} > {lc['server']}", "tunnel_ids": None, "stream_id": None,
                 "events": events, "lconn": t, "server_label": slabel,

@@ -473,3 +473,17 @@ def test_inpod_hop_order(truth):
         times.append(hbone["packets"]["pod-a-eth0"]["response"]["ns"])
         assert times == sorted(times), conn["id"]
         assert hbone["packets"]["pod-b-eth0"]["connect"]["ns"] - hbone["packets"]["pod-a-eth0"]["connect"]["ns"] < 1_000_000
+
+
+def test_inpod_capture_complete(truth):
+    """tcpdump lost nothing (the lab runs it in immediate mode since the in-pod scenarios): every packet the
+    filter received was written (lo counts each packet twice, outgoing and incoming, and writes it once)."""
+    _inpod(truth)
+    for point, meta in truth["capture_points"].items():
+        stats = " ".join(meta["tcpdump"])
+        captured = int(re.search(r"(\d+) packets? captured", stats).group(1))
+        received = int(re.search(r"(\d+) packets? received by filter", stats).group(1))
+        dropped = int(re.search(r"(\d+) packets? dropped by kernel", stats).group(1))
+        assert dropped == 0, point
+        assert received == captured * (2 if meta["interface"] == "lo" else 1), (point, captured, received)
+        assert captured == len(frame_times(_file(truth, point))), point

@@ -225,7 +225,9 @@ class _Correlator:
 
     # --- clocks ------------------------------------------------------------------------------------------------
     def _clock(self) -> None:
-        self.group = {c: (self.node[c] or c) for c in self.caps}
+        # a capture without a node shares the clock of the captures named after the same host (pod-a-eth0 and
+        # pod-a-lo are one pod's network namespace: one kernel, one clock)
+        self.group = {c: (self.node[c] or self._host_group(c)) for c in self.caps}
         groups = sorted(set(self.group.values()))
         nodes = sorted({n for n in self.node.values() if n})
         if nodes:
@@ -240,7 +242,7 @@ class _Correlator:
         # captures with no TCP in common may still share other IPv4 packets (UDP, ICMP)
         all_caps = list(dict.fromkeys(list(self.caps) + [str(c) for c in self.a.captures["capture"]]))
         for c in all_caps:
-            self.group.setdefault(c, self.node.get(c) or c)
+            self.group.setdefault(c, self.node.get(c) or self._host_group(c))
         groups = sorted(set(self.group.values()))
         dg = datagram_deltas(self.a.packets, all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
         self.pairs = pair_estimates(deltas) if len(deltas) else []
@@ -263,6 +265,12 @@ class _Correlator:
         for c in self.caps:
             o = self.offsets.get(self.group[c])
             self.off[c] = int(round(o.offset_ns)) if o is not None and np.isfinite(o.offset_ns) else 0
+
+    def _host_group(self, cap: str) -> str:
+        label = self._label_of_capture(cap)
+        same = [c for c in list(self.caps) + [str(x) for x in self.a.captures["capture"]]
+                if self._label_of_capture(c) == label]
+        return label if HOST_RE.search(label) and len(set(same)) > 1 else cap
 
     def corr(self, cap: str, ts: int | None) -> int | None:
         if ts is None or ts < 0:
@@ -738,11 +746,15 @@ class _Correlator:
     def _caps_of(self, lconn: int) -> list[str]:
         return [r["capture"] for r in self.leg_recs.get(lconn, [])]
 
-    def _ztunnel_label(self, node: str | None) -> str:
+    def _ztunnel_label(self, node: str | None, pod_cap: str | None = None) -> str:
         z = self._ztunnel_of_node(node)
         if z:
             return self._label_of_capture(z)
-        return f"ztunnel@{node}" if node else "ztunnel"
+        if node:
+            return f"ztunnel@{node}"
+        if pod_cap:       # era C: the ztunnel's sockets live in the pod's network namespace
+            return f"ztunnel@{self._label_of_capture(pod_cap)}"
+        return "ztunnel"
 
     def _endpoint_label(self, ipport: str, hbone: bool = False) -> tuple[str, str | None]:
         """Label of the process behind an address, and its node."""
@@ -751,8 +763,8 @@ class _Correlator:
         if c is None:
             return ipport, None
         role = self.role[c]
-        if hbone and role == "pod":       # HBONE to a pod address ends in that node's ztunnel
-            return self._ztunnel_label(self.node.get(c)), self.node.get(c)
+        if hbone and role == "pod":       # HBONE to a pod address ends in that node's (or that pod's) ztunnel
+            return self._ztunnel_label(self.node.get(c), c), self.node.get(c)
         return self._label_of_capture(c), self.node.get(c)
 
     # --- ends of a hop -----------------------------------------------------------------------------------------
@@ -805,14 +817,15 @@ class _Correlator:
                     src_z_label = self._label_of_capture(zc)
                     client_node = client_node or self.node.get(zc)
                 else:
-                    src_z_label = self._ztunnel_label(client_node)
+                    src_z_label = self._ztunnel_label(client_node, self._owner_capture(tcl))
                 server_label = src_z_label
                 zpref = [zc] if zc else []
                 zn = self._ztunnel_of_node(client_node, f.app)
                 zpref += [zn] if zn else []
             elif f.tunnel is not None:
                 zc = self._proxy_capture(self.lcd[f.tunnel]["client_ip"], f.tunnel)
-                src_z_label = self._label_of_capture(zc) if zc else self._ztunnel_label(client_node)
+                src_z_label = self._label_of_capture(zc) if zc else self._ztunnel_label(
+                    client_node, self._owner_capture(self.lcd[f.tunnel]["client_ip"]))
                 server_label = src_z_label
                 zpref = [zc] if zc else []
             else:
@@ -873,7 +886,7 @@ class _Correlator:
         lc = self.lcd[t]
         zc = self._proxy_capture(lc["client_ip"], t)
         clabel = self._label_of_capture(zc) if zc else self._ztunnel_label(
-            self._endpoint_label(self.lcd[f.app]["client"])[1])
+            self._endpoint_label(self.lcd[f.app]["client"])[1], self._owner_capture(lc["client_ip"]))
         slabel, snode = self._endpoint_label(lc["server"], hbone=True)
         dnode = self._endpoint_label(self.lcd[f.delivery]["server"])[1] if f.delivery is not None else None
         spref = [z for z in (self._ztunnel_of_node(snode, t), self._ztunnel_of_node(dnode, t)) if z]
@@ -1040,7 +1053,9 @@ class _Correlator:
             last = int(pd.Timestamp(row["last_ts"]).value) if row is not None and pd.notna(row["last_ts"]) else None
             off = self.off.get(c, 0)
             rows.append({
-                "capture": c, "node": self.node.get(c), "node_reason": self.node_reason.get(c) or None,
+                "capture": c, "node": self.node.get(c),
+                "node_reason": self.node_reason.get(c) or (f"node unknown; one clock with the other '{grp}' captures"
+                                                           if grp != c else None),
                 "clock_group": grp, "reference": grp == self.reference,
                 "offset_ms": o.offset_ns / MS if o is not None else np.nan,
                 "uncertainty_ms": o.uncertainty_ns / MS if o is not None else np.nan,

@@ -78,6 +78,9 @@ def build_legs(packets: pd.DataFrame) -> Legs:
     plen = pk["payload_len"].to_numpy(np.int64, na_value=0)
     n = len(pk)
 
+    b_key, redirected = _undo_redirects(cap, a_key, b_key, flags, seq, ack)
+    lo, hi = np.minimum(a_key, b_key), np.maximum(a_key, b_key)
+
     # --- legs: (capture, unordered pair), split where a SYN brings a new initial sequence number
     pair = pd.MultiIndex.from_arrays([cap, lo, hi])
     pair_id = pd.factorize(pair)[0].astype(np.int64)
@@ -199,6 +202,35 @@ def build_legs(packets: pd.DataFrame) -> Legs:
                            "server_ip": [x.rsplit(":", 1)[0].strip("[]") for x in names_s],
                            "server_port": lc_server % 65536, "isn": [c["isn"] for c in lconn_rows]})
     return Legs(tcp, legs, lconns, captures)
+
+
+def _undo_redirects(cap, a_key, b_key, flags, seq, ack):
+    """A capture between a REDIRECT/DNAT and the socket (era C in-pod: the app's packets to the Service go to
+    127.0.0.1:15001 on the pod's lo, the replies come from the Service address) sees the two directions under
+    different endpoint pairs. Where a SYN from C to T is answered by a SYN-ACK from O to C acknowledging its
+    sequence number, and nothing comes from T to C, the client-to-server packets are put under O, the address
+    the client used. Returns the new b_key and a boolean mask of the rewritten packets."""
+    syn = (flags & (SYN | ACK)) == SYN
+    synack = (flags & (SYN | ACK)) == (SYN | ACK)
+    if not syn.any() or not synack.any():
+        return b_key, np.zeros(len(b_key), bool)
+    s = pd.DataFrame({"cap": cap[syn], "c": a_key[syn], "t": b_key[syn], "k": (seq[syn] + 1) % 2**32})
+    r = pd.DataFrame({"cap": cap[synack], "c": b_key[synack], "o": a_key[synack], "k": ack[synack]})
+    m = s.merge(r, on=["cap", "c", "k"]).drop_duplicates(["cap", "c", "t"])
+    m = m[m["t"] != m["o"]]
+    if m.empty:
+        return b_key, np.zeros(len(b_key), bool)
+    seen = pd.MultiIndex.from_arrays([cap, a_key, b_key]).unique()
+    back = pd.MultiIndex.from_arrays([m["cap"], m["t"], m["c"]])
+    m = m[~back.isin(seen)]
+    if m.empty:
+        return b_key, np.zeros(len(b_key), bool)
+    idx = pd.MultiIndex.from_arrays([m["cap"], m["c"], m["t"]])
+    pos = idx.get_indexer(pd.MultiIndex.from_arrays([cap, a_key, b_key]))
+    hit = pos >= 0
+    out = b_key.copy()
+    out[hit] = m["o"].to_numpy(np.int64)[pos[hit]]
+    return out, hit
 
 
 LCONN_COLUMNS = ["lconn", "client", "server", "client_ip", "server_ip", "server_port", "isn"]

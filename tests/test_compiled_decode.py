@@ -385,3 +385,34 @@ def test_stale_cache_is_not_used(monkeypatch):
     monkeypatch.setattr(compiled, "_frozen_constants", Stale())
     monkeypatch.setattr(compiled.numba, "njit", lambda **kw: (lambda f: ("fresh", f, kw)))
     assert compiled._checked_walk() == ("fresh", compiled.walk.py_func, {"nogil": True})
+
+
+# -- whole captures through the tables ---------------------------------------------------------------------------
+
+def _decode_with(monkeypatch, engine: str, path: Path):
+    import functools
+
+    import hbonecap.decode as decode
+    from hbonecap.layers import unwrap
+
+    monkeypatch.setattr(decode, "decode_batch", functools.partial(unwrap.decode_batch, engine=engine))
+    return decode.decode_capture(path, DecodeConfig(batch_packets=7))     # many small batches
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("path", ["the-tcpdump-group_tcpdump/tests/geneve.pcap",
+                                  "the-tcpdump-group_tcpdump/tests/vxlan.pcap",
+                                  "zeek_zeek/testing/btest/Traces/linux_dlt_sll2.pcap",
+                                  "zeek_zeek/testing/btest/Traces/tunnels/geneve-many-options.pcap",
+                                  "zeek_zeek/testing/btest/Traces/tcp/reassembly.pcap",           # with anomalies
+                                  "ajbanjara_Wireshark-wiki/uploads/__moin_import__/attachments/SampleCaptures/"
+                                  "telnet-cooked.pcap"])
+def test_packets_and_anomalies_tables_are_identical(monkeypatch, path):
+    import pandas as pd
+
+    if not (CONFORMANCE / path).exists():
+        pytest.skip(f"{path} not found in {CONFORMANCE}")
+    a = _decode_with(monkeypatch, "compiled", CONFORMANCE / path)
+    b = _decode_with(monkeypatch, "numpy", CONFORMANCE / path)
+    pd.testing.assert_frame_equal(a.packets, b.packets)
+    pd.testing.assert_frame_equal(a.anomalies, b.anomalies)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""hbonecap ambient lab: real captures of an era A/B ambient data path, with ground truth.
+"""hbonecap ambient lab: real captures of era A/B (Geneve) and era C (in-pod) ambient data paths, with ground truth.
 
 Run as root on Debian (from the repository root)::
 
@@ -9,7 +9,8 @@ Run as root on Debian (from the repository root)::
     sudo python3 samples/lab/lab.py --check-only    # report missing tools and exit
 
 It checks (and with ``--install`` installs via apt-get / pip) what it needs, builds the
-topology of ``topology.py`` in network namespaces ``hbl-*``, runs each scenario with fresh
+topology of ``topology.py`` in network namespaces ``hbl-*`` (the Geneve one for eras A/B, then,
+torn down and rebuilt, ``InpodTopology`` for the in-pod scenarios ``inpod``/``inpod-vxlan``), runs each scenario with fresh
 proxies and fresh tcpdump processes at every capture point, writes
 ``samples/<scenario>/{*.pcap,*.pcapng,keylog.txt,truth.json,logs/}`` and tears everything down:
 processes stopped by PID, Open vSwitch stopped by PID, namespaces removed, also after a

@@ -540,10 +540,7 @@ class _Stack:
             return "proxy-v2"
         if self.state == "child":
             return self.child.describe() if self.child else "opaque"
-        if self.state == "detect":
-            return "opaque" if not (self.bytes[0] or self.bytes[1] or len(self.pend[0]) or len(self.pend[1])) \
-                else "unknown"
-        return "opaque"
+        return "opaque"  # undecided (too few bytes) or nothing recognised
 
     def _is_tunnel(self) -> tuple[bool, str]:
         if self.state == "tls":

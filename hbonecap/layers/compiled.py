@@ -557,8 +557,11 @@ def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfi
     limits = np.array([config.max_tunnel_depth, config.max_extension_headers, config.max_vlan_tags,
                        unwrap.max_rounds(config)], dtype=np.int64)
     cols = tuple(getattr(ctx, name) for name in COLUMNS)
-    nrej = _checked_walk()(ctx.buf, ctx.base, ctx.caplen, ctx.origlen, _port_classes(config), *_TABLES, limits,
-                           cols, reject)
+    # One compiled signature for every reader: a read-only buffer, contiguous per-packet inputs.
+    buf = ctx.buf.view()
+    buf.flags.writeable = False
+    base, caplen, origlen = (np.ascontiguousarray(a, dtype=np.int64) for a in (ctx.base, ctx.caplen, ctx.origlen))
+    nrej = _checked_walk()(buf, base, caplen, origlen, _port_classes(config), *_TABLES, limits, cols, reject)
     if nrej:
         rej = np.flatnonzero(reject)
         sub = RecordBatch(batch.buf, batch.data_off[rej], batch.caplen[rej], batch.origlen[rej], batch.ts_ns[rej],

@@ -32,6 +32,13 @@ MAX_CAPTURES_PER_GROUP = 3
 KEY = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
 
 
+def packet_class(flags, plen):
+    """SYN/FIN/RST bits plus 'carries data': a pure ACK shares seq, ack and TCP timestamp with the data segment
+    that follows it, so they must not be taken for the same packet (lengths may differ between capture points
+    with GSO/TSO, so the length itself is not compared)."""
+    return (np.asarray(flags, dtype=np.int64) & 0x07) | (np.asarray(plen, dtype=np.int64) > 0).astype(np.int64) * 8
+
+
 @dataclass
 class PairEstimate:
     a: str
@@ -65,8 +72,8 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     tcp = legs.tcp
     if tcp.empty:
         return pd.DataFrame(columns=["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"])
-    t = tcp[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval", "flags"]].copy()
-    t["fl"] = t["flags"] & 0x07
+    t = tcp[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen"]].copy()
+    t["fl"] = packet_class(t["flags"], t["plen"])
     grp_names = sorted(set(group_of_cap.values()))
     gcode = {g: i for i, g in enumerate(grp_names)}
     cap_to_grp = np.asarray([gcode[group_of_cap[c]] for c in range(len(legs.captures))], dtype=np.int64)

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from hbonecap import tables
-from hbonecap.analysis.clock import datagram_deltas, packet_deltas, pair_estimates, solve_offsets
+from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
@@ -358,7 +358,7 @@ class _Correlator:
         e = pd.DataFrame(rows, columns=["si", "ei", "cap", "lconn", "ts"])
         tcp = self.L.tcp
         tcp = tcp[tcp["lconn"].isin(e["lconn"].unique())].copy()
-        tcp["fl"] = tcp["flags"] & 0x07
+        tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
         key = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
         first = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap", "lconn", "ts"], keep="first")
         m = e.merge(first[["cap", "lconn", "ts"] + key[1:]], on=["cap", "lconn", "ts"], how="inner")
@@ -893,7 +893,7 @@ class _Correlator:
         cl_list, sv_list = self._end_lists(t, [zc] if zc else [], spref)
         if self._tcp_by_lconn is None:
             tcp = self.L.tcp[self.L.tcp["lconn"].isin([x for x in self.tunnel_lconns])].copy()
-            tcp["fl"] = tcp["flags"] & 0x07
+            tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
             tcp = tcp.sort_values("ts", kind="stable")
             self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}
         pk = self._tcp_by_lconn.get(t)

@@ -358,9 +358,7 @@ class ScenarioRun:
         dumps = []
         for point, netns, iface, _ in (self.capture_points() if capture else []):
             raw = self.work / f"{point}.raw.pcap"
-            # --immediate-mode: without it packets wait in the kernel ring for up to tcpdump's 1 s buffer
-            # timeout, and those still waiting at SIGINT are lost ("received by filter" > "captured").
-            argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "262144",
+            argv = ["tcpdump", "-i", iface, "-n", "-U", "-Z", "root", "-s", "262144",
                     "--time-stamp-precision=nano", "-w", str(raw)]
             popen = self.procs.start(f"tcpdump {point}", netns, argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -390,7 +388,11 @@ class ScenarioRun:
         for popen in (zt_a, wp, zt_b):
             if popen is not None:
                 self.procs.stop(popen, signal.SIGTERM, timeout=10)
-        time.sleep(0.5)
+        # Packets wait in tcpdump's kernel ring until a block is full or its 1 s timeout retires it;
+        # packets still waiting at SIGINT are lost ("received by filter" > "captured"). So wait longer
+        # than that timeout. (--immediate-mode would avoid the wait, but with a 256 KiB snaplen its
+        # TPACKET_V2 ring has only a few slots and -i any drops packets.)
+        time.sleep(1.5)
         stats = {}
         for point, popen, raw in dumps:
             popen.send_signal(signal.SIGINT)

@@ -688,9 +688,15 @@ class _Correlator:
 
     @staticmethod
     def _content_score(req1, host1, bytes1, req2, host2, bytes2) -> int:
+        def clean(v):
+            return None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+
         score = 0
-        if req1 is not None and req2 is not None:
-            score += 2 if tuple(req1) == tuple(req2) else -2
+        r1 = tuple(clean(x) for x in req1) if req1 is not None else None
+        r2 = tuple(clean(x) for x in req2) if req2 is not None else None
+        if r1 and r2 and None not in r1 and None not in r2:
+            score += 2 if r1 == r2 else -2
+        host1, host2 = clean(host1), clean(host2)
         if host1 and host2:
             score += 1 if host1 == host2 else 0
         if bytes1[0] > 0 and bytes2[0] > 0:

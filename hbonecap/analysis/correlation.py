@@ -94,6 +94,7 @@ class _Flow:
     streams: list = field(default_factory=list)
     delivery: int | None = None              # lconn of the destination ztunnel's connection to the server
     tunnel: int | None = None                # lconn of an HBONE connection tied without keys (no stream seen)
+    tunnel2: int | None = None               # keyless too: the HBONE connection a waypoint re-originated
     match: str = "exact"
     confidence: float = 1.0
     reasons: list = field(default_factory=list)
@@ -594,10 +595,11 @@ class _Correlator:
                            f"but no server connection was found in the captures")
         # 5. without keys: client connection -> HBONE connection -> server connection, by timing and content
         streamed = {st.lconn for st in streams}
-        for a_l, t_l, d_l, conf, why in self.match_keyless([l for l in plain if l not in used_plain],
-                                                           sorted(self.tunnel_lconns - streamed)):
+        for a_l, t_l, t2_l, d_l, conf, why in self.match_keyless([l for l in plain if l not in used_plain],
+                                                                 sorted(self.tunnel_lconns - streamed)):
             used_plain |= {a_l, d_l}
-            flows.append(_Flow(app=a_l, delivery=d_l, tunnel=t_l, match="inferred", confidence=conf, reasons=[why]))
+            flows.append(_Flow(app=a_l, delivery=d_l, tunnel=t_l, tunnel2=t2_l, match="inferred", confidence=conf,
+                               reasons=[why]))
         redirected = {"ztunnel", "istioout", "pistioout", "istioin", "pistioin"}
         for l in plain:
             if l in used_plain:
@@ -613,13 +615,15 @@ class _Correlator:
         flows.sort(key=lambda f: self._flow_start(f) or 0)
         return flows
 
-    def match_keyless(self, plain: list[int], tunnels: list[int]) -> list[tuple[int, int, int, float, str]]:
+    def match_keyless(self, plain: list[int], tunnels: list[int]) -> list[tuple]:
         """Tie client connections to server connections through an HBONE connection that could not be decrypted.
 
         A client connection A (seen by a ztunnel whose address, or A's own when spoofed, is the HBONE client), an
-        HBONE connection T open at the time, and a connection D to T's server address starting after A: scored by
-        the plaintext HTTP/1 request line on A and D, their byte counts each way, and the delay from A to D.
-        Returns (A, T, D, confidence, reason). The hook a later issue deepens (TLS record sizes and timing).
+        HBONE connection T open at the time, and a connection D to T's server address starting after A (or, through
+        a waypoint, to the server address of an HBONE connection T2 that T's server opened): scored by the
+        plaintext HTTP/1 request line on A and D, their byte counts each way, and the delay from A to D.
+        Returns (A, T, T2 or None, D, confidence, reason). The hook a later issue deepens (TLS record sizes and
+        timing).
         """
         if not tunnels or len(plain) < 2:
             return []
@@ -642,19 +646,24 @@ class _Correlator:
                                                           if self.role.get(c) == "ztunnel" and c in self.owner}
             for ip in src_ips:
                 for t in by_client_ip.get(ip, []):
-                    t_first, t_last = self.leg_time(t, "first_ts"), self._lt_last.get(t)
-                    lst = by_server_ip.get(self.lcd[t]["server_ip"], [])
-                    keys = [x[0] for x in lst]
-                    lo = bisect.bisect_left(keys, ta - TOL)
-                    hi = min(bisect.bisect_right(keys, ta + WINDOW), lo + MAX_CANDIDATES)
-                    for td, d in lst[lo:hi]:
-                        if d == a_l or t_first is None or t_first > td + TOL or (t_last is not None and
-                                                                                 t_last < td - TOL):
-                            continue
-                        ra, ha = self.leg_request(a_l)
-                        rd, hd = self.leg_request(d)
-                        score = self._content_score(ra, ha, self.leg_bytes(a_l), rd, hd, self.leg_bytes(d))
-                        cand.append((score, td - ta, a_l, t, d))
+                    # direct, or through a waypoint: T's server re-originates HBONE (T2) to the destination
+                    routes = [(t, None)] + [(t, t2) for t2 in by_client_ip.get(self.lcd[t]["server_ip"], [])
+                                            if t2 != t]
+                    for t1, t2 in routes:
+                        last_t = t2 if t2 is not None else t1
+                        spans = [(self.leg_time(x, "first_ts"), self._lt_last.get(x)) for x in (t1, t2) if x is not None]
+                        lst = by_server_ip.get(self.lcd[last_t]["server_ip"], [])
+                        keys = [x[0] for x in lst]
+                        lo = bisect.bisect_left(keys, ta - TOL)
+                        hi = min(bisect.bisect_right(keys, ta + WINDOW), lo + MAX_CANDIDATES)
+                        for td, d in lst[lo:hi]:
+                            if d == a_l or any(f0 is None or f0 > td + TOL or (l0 is not None and l0 < td - TOL)
+                                               for f0, l0 in spans):
+                                continue
+                            ra, ha = self.leg_request(a_l)
+                            rd, hd = self.leg_request(d)
+                            score = self._content_score(ra, ha, self.leg_bytes(a_l), rd, hd, self.leg_bytes(d))
+                            cand.append((score, td - ta, a_l, (t1, t2), d))
         best_score: dict[int, list[int]] = defaultdict(list)
         for score, dt, a_l, t, d in cand:
             best_score[a_l].append(score)
@@ -669,7 +678,7 @@ class _Correlator:
                 conf *= 0.7       # another server connection fits as well
             why = "keyless: " + ("request line and sizes" if score >= 3 else "sizes and timing" if score > 0
                                  else "timing")
-            out.append((a_l, t, d, round(conf, 3), why))
+            out.append((a_l, t[0], t[1], d, round(conf, 3), why))
         return out
 
     @staticmethod
@@ -842,7 +851,9 @@ class _Correlator:
             hops.append(self._tcp_hop(f.app, f"{cl_label} -> {server_label}", 0, cl_list, sv_list))
         prev_label = src_z_label
         if f.tunnel is not None:
-            hops.append(self._keyless_hop(f, len(hops)))
+            hops.append(self._keyless_hop(f, len(hops), f.tunnel, first=True, last=f.tunnel2 is None))
+        if f.tunnel2 is not None:
+            hops.append(self._keyless_hop(f, len(hops), f.tunnel2, first=False, last=True))
         for j, s in enumerate(f.streams):
             cip = s.client.rsplit(":", 1)[0]
             if j == 0 and prev_label is None:
@@ -883,12 +894,11 @@ class _Correlator:
             hops.append(self._tcp_hop(d, f"{clabel} -> {slabel}", len(hops), cl_list, sv_list))
         return hops
 
-    def _keyless_hop(self, f: _Flow, idx: int) -> dict:
+    def _keyless_hop(self, f: _Flow, idx: int, t: int, first: bool = True, last: bool = True) -> dict:
         """The HBONE hop of a flow tied without keys. Its events are the TCP segments of the HBONE connection
         that first follow the matching events of the plain legs: connect (first client-to-server data after the
         client's SYN), connect_response (first data back after the server connection's SYN-ACK),
         first_request_byte and first_response_byte likewise. Inferred; concurrent streams can blur them."""
-        t = f.tunnel
         lc = self.lcd[t]
         zc = self._proxy_capture(lc["client_ip"], t)
         clabel = self._label_of_capture(zc) if zc else self._ztunnel_label(
@@ -913,7 +923,7 @@ class _Correlator:
             key = ["dir", "seq", "ack", "tsval", "fl"]
             response_at_client = None
             for ev, d, leg, col in anchors:
-                if ev == "connect" and new_tunnel:
+                if (ev == "connect" and (new_tunnel or not first)) or (ev == "connect_response" and not last):
                     continue
                 after = self.leg_time(leg, col) if leg is not None else None
                 if after is None:

@@ -227,7 +227,8 @@ def _load_keyless(scenario: str):
     return truth, a, correlate(a)
 
 
-@pytest.mark.parametrize("name", ["sequential", "concurrent", "clock-offset", "bulk", "era-b-spoof"])
+@pytest.mark.parametrize("name", ["sequential", "concurrent", "clock-offset", "bulk", "era-b-spoof", "waypoint",
+                                  "refused-503", "inpod", "inpod-vxlan", "any-sll2"])
 def test_keyless_flows_inferred(name):
     """No key log: the client connection, the HBONE connection and the server connection are still tied, by the
     plaintext request lines, sizes and timing, and say so (match 'inferred', confidence below 1)."""

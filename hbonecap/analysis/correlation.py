@@ -19,13 +19,20 @@ destination ztunnel to the server pod. `correlate(a)` ties them together from an
    byte counts); the destination ztunnel's connection to the server pod (its server is the stream's
    destination, it starts after the CONNECT and carries the same request and bytes); then the remaining app
    connections by the tunnelled request line, byte counts and timing (`inferred` where nothing was decrypted).
+   Without keys (`match_keyless`): client connection -> HBONE connection (-> a waypoint's HBONE connection)
+   -> server connection, by the plaintext request lines, sizes and timing, with inferred HBONE hop events.
    Each step assigns one to one, best score first.
 6. Hops and events (syn, syn_ack, connect, connect_response, first_request_byte, first_response_byte, fin,
    fin_s2c) with the time at each end of the hop, raw and corrected; latency per hop and event.
 
+Eras: A/B (Geneve redirection, spoofed HBONE sources in era B) and C (in-pod: the REDIRECT to 127.0.0.1:15001
+seen on the pod's lo is undone in `legs.py`; captures named after one pod share its clock).
+
 Pure: no I/O; the only inputs are the Analysis tables and `a.details`.
-Limits: double HBONE (nested tunnels) is shown through its outer stream only; keyless matching is limited to
-timing and sizes (`match_keyless` is the hook a later issue deepens); clock drift is not corrected.
+Limits: double HBONE (nested tunnels) is shown through its outer stream only; keyless matching uses request
+lines, sizes and timing, not yet TLS record sizes (`match_keyless` is the hook a later issue deepens), and its
+HBONE hop times are approximations (concurrent streams blur them); clock drift is estimated, not corrected; a
+pod capture whose own address ties with its only peer's is resolved by subnet closeness to a ztunnel's address.
 """
 from __future__ import annotations
 

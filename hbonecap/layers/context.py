@@ -129,15 +129,23 @@ class DecodeContext:
     # -- flow control ----------------------------------------------------------------------------------------
     def need(self, sel: np.ndarray, nbytes, layer: str, what: str = "header") -> np.ndarray:
         """Keep the packets with `nbytes` captured after their cursor; the others get `<layer>_truncated`."""
+        return sel[self._fits(sel, nbytes, layer, what)]
+
+    def need_aligned(self, sel: np.ndarray, nbytes, layer: str, what: str, *cols: np.ndarray):
+        """`need`, also filtering per-packet arrays aligned with `sel`: returns (sel, *cols)."""
+        ok = self._fits(sel, nbytes, layer, what)
+        if ok.all():
+            return (sel, *cols)
+        return (sel[ok], *(c[ok] for c in cols))
+
+    def _fits(self, sel: np.ndarray, nbytes, layer: str, what: str) -> np.ndarray:
         have = self.caplen[sel] - self.off[sel]
         ok = have >= nbytes
-        if ok.all():
-            return sel
-        bad = sel[~ok]
-        need = np.broadcast_to(np.asarray(nbytes), sel.shape)[~ok]
-        self.stop(bad, layer, f"{layer}_truncated",
-                  [f"{what} needs {int(a)} bytes, {int(b)} captured" for a, b in zip(need, have[~ok])])
-        return sel[ok]
+        if not ok.all():
+            need = np.broadcast_to(np.asarray(nbytes), sel.shape)[~ok]
+            self.stop(sel[~ok], layer, f"{layer}_truncated",
+                      [f"{what} needs {int(a)} bytes, {int(b)} captured" for a, b in zip(need, have[~ok])])
+        return ok
 
     def stop(self, sel: np.ndarray, layer: str, kind: str, detail) -> None:
         """Record an anomaly for `sel` and end their decoding."""

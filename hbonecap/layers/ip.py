@@ -55,10 +55,7 @@ def decode_ipv4(ctx: DecodeContext, sel: np.ndarray) -> None:
     bad = ihl < 20
     ctx.stop(sel[bad], "ip", "ipv4_bad_header_length", [f"header length {int(x)} < 20" for x in ihl[bad]])
     sel, ihl = sel[~bad], ihl[~bad]
-    keep = ctx.need(sel, ihl, "ip", "IPv4 header with options")
-    if len(keep) != len(sel):
-        m = np.isin(sel, keep)
-        sel, ihl = sel[m], ihl[m]
+    sel, ihl = ctx.need_aligned(sel, ihl, "ip", "IPv4 header with options", ihl)
     total = ctx.u16(sel, 2)
     frag = ctx.u16(sel, 6)
     proto = ctx.u8(sel, 9)
@@ -123,10 +120,7 @@ def decode_ipv6_ext(ctx: DecodeContext, sel: np.ndarray) -> None:
     nh = ctx.u8(sel, 0)
     hl = ctx.u8(sel, 1)
     length = np.where(t == C.IPPROTO_AH, (hl + 2) * 4, np.where(t == C.IPPROTO_FRAGMENT, 8, (hl + 1) * 8))
-    keep = ctx.need(sel, length, "ip", "IPv6 extension header")
-    if len(keep) != len(sel):
-        m = np.isin(sel, keep)
-        sel, t, nh, length = sel[m], t[m], nh[m], length[m]
+    sel, t, nh, length = ctx.need_aligned(sel, length, "ip", "IPv6 extension header", t, nh, length)
     ctx.ext_headers[sel] += 1
     fr = t == C.IPPROTO_FRAGMENT
     if fr.any():

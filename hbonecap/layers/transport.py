@@ -32,10 +32,7 @@ def decode_tcp(ctx: DecodeContext, sel: np.ndarray) -> None:
     bad = doff < 20
     ctx.stop(sel[bad], "tcp", "tcp_bad_header_length", [f"data offset {int(d)} < 20" for d in doff[bad]])
     sel, doff = sel[~bad], doff[~bad]
-    keep = ctx.need(sel, doff, "tcp", "TCP header with options")
-    if len(keep) != len(sel):
-        m = np.isin(sel, keep)
-        sel, doff = sel[m], doff[m]
+    sel, doff = ctx.need_aligned(sel, doff, "tcp", "TCP header with options", doff)
     has_opts = doff > 20
     if has_opts.any():
         _options(ctx, sel[has_opts], doff[has_opts])

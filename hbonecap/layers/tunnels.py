@@ -103,10 +103,7 @@ def decode_geneve(ctx: DecodeContext, sel: np.ndarray) -> None:
     ctx.stop(sel[bad], "geneve", "geneve_bad_version", [f"Geneve version {int(v)}" for v in ver[bad]])
     sel, b0 = sel[~bad], b0[~bad]
     optlen = (b0 & 0x3F) * 4
-    keep = ctx.need(sel, optlen + 8, "geneve", "Geneve header with options")
-    if len(keep) != len(sel):
-        m = np.isin(sel, keep)
-        sel, optlen = sel[m], optlen[m]
+    sel, optlen = ctx.need_aligned(sel, optlen + 8, "geneve", "Geneve header with options", optlen)
     ptype = ctx.u16(sel, 2)
     vni = ctx.u32(sel, 4) >> 8
     count = _count_options(ctx, sel, optlen)

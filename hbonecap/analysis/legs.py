@@ -40,57 +40,73 @@ class Legs:
     captures: list[str]
 
 
-def _endpoint_names(addr: pd.Index, keys: np.ndarray) -> np.ndarray:
-    ips = addr.to_numpy(dtype=object)[keys // 65536]
-    ports = (keys % 65536).astype(str)
+def endpoint_keys(ips: np.ndarray, ports: np.ndarray) -> np.ndarray:
+    """One int64 per (address, port), the same in every process: a 47-bit hash of the address text, then the port
+    (pandas' stable array hash; a collision among the addresses of one postmortem is vanishingly unlikely)."""
+    h = pd.util.hash_array(np.asarray(ips, dtype=object), categorize=True)
+    return ((h >> np.uint64(17)).astype(np.int64) << 16) | np.asarray(ports, dtype=np.int64)
+
+
+def _endpoint_names(addr: dict[int, str], keys: np.ndarray) -> np.ndarray:
     out = np.empty(len(keys), dtype=object)
-    for i, (ip, port) in enumerate(zip(ips, ports)):
+    for i, k in enumerate(np.asarray(keys, dtype=np.int64).tolist()):
+        ip, port = addr[k >> 16], k & 0xFFFF
         out[i] = f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
     return out
 
 
-def build_legs(packets: pd.DataFrame) -> Legs:
+SIDE_EVENTS = ("syn", "synack", "data", "fin", "rst", "any")
+PACKET_COLUMNS = ["ts", "leg", "from_lo", "seq", "ack", "tsval", "flags", "plen"]
+
+
+@dataclass
+class CaptureLegs:
+    """The per-capture half of `build_legs` (`capture_legs`): needs no other capture, so it runs where the capture's
+    packets are (a process or a Dask worker). Keys are `endpoint_keys`, leg numbers local to the capture.
+
+    packets: one row per TCP packet (PACKET_COLUMNS; `from_lo`: sent by the leg's lower endpoint key).
+    legs: one row per leg: endpoint keys lo/hi, first/last time, SYN facts, and per sending side (lo/hi) the first
+    time of each of SIDE_EVENTS, segment and byte counts and whether any packet was tunnelled.
+    addresses: endpoint address hash -> address text, for naming."""
+
+    packets: pd.DataFrame
+    legs: pd.DataFrame
+    addresses: dict[int, str]
+
+
+def tcp_rows(packets: pd.DataFrame) -> pd.DataFrame:
     m = (packets["proto"] == "tcp") & packets["sport"].notna() & packets["dport"].notna() & packets["src"].notna()
-    pk = packets.loc[m]
-    cap_cat = pk["capture"].astype("category")
-    captures = [str(c) for c in cap_cat.cat.categories]
-    if pk.empty:
-        empty_tcp = pd.DataFrame({c: pd.Series([], dtype="int64") for c in
-                                  ("cap", "ts", "leg", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen")})
-        return Legs(empty_tcp, pd.DataFrame(columns=LEG_COLUMNS), pd.DataFrame(columns=LCONN_COLUMNS),
-                    captures)
-    src = pk["src"].astype("category")
-    dst = pk["dst"].astype("category")
-    addr = pd.Index(pd.unique(np.concatenate([src.cat.categories.to_numpy(object), dst.cat.categories.to_numpy(object)])))
-    s = addr.get_indexer(src.cat.categories.to_numpy(object))[src.cat.codes.to_numpy()]
-    d = addr.get_indexer(dst.cat.categories.to_numpy(object))[dst.cat.codes.to_numpy()]
-    sp = pk["sport"].to_numpy(np.int64)
-    dp = pk["dport"].to_numpy(np.int64)
-    a_key = s.astype(np.int64) * 65536 + sp
-    b_key = d.astype(np.int64) * 65536 + dp
-    lo, hi = np.minimum(a_key, b_key), np.maximum(a_key, b_key)
-    cap = cap_cat.cat.codes.to_numpy(np.int64)
+    return packets.loc[m]
+
+
+def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
+    """Legs of one capture's TCP packets (`tcp_rows` of its packets table)."""
+    n = len(pk)
+    src = pk["src"].astype(object).to_numpy(object)
+    dst = pk["dst"].astype(object).to_numpy(object)
+    a_key = endpoint_keys(src, pk["sport"].to_numpy(np.int64))
+    b_key = endpoint_keys(dst, pk["dport"].to_numpy(np.int64))
+    addresses = {int(k) >> 16: ip for k, ip in zip(np.r_[a_key, b_key].tolist(), np.r_[src, dst].tolist())} \
+        if n else {}
     ts = pk["ts"].to_numpy("datetime64[ns]").view(np.int64)
     flags = pk["tcp_flags"].to_numpy(np.int64, na_value=0)
     seq = pk["seq"].to_numpy(np.int64, na_value=-1)
     ack = pk["ack"].to_numpy(np.int64, na_value=-1)
     tsval = pk["tsval"].to_numpy(np.int64, na_value=-1)
     plen = pk["payload_len"].to_numpy(np.int64, na_value=0)
-    n = len(pk)
-
-    b_key, redirected = _undo_redirects(cap, a_key, b_key, flags, seq, ack)
+    b_key, _redirected = _undo_redirects(np.zeros(n, np.int64), a_key, b_key, flags, seq, ack)
     lo, hi = np.minimum(a_key, b_key), np.maximum(a_key, b_key)
+    from_lo = a_key == lo
 
-    # --- legs: (capture, unordered pair), split where a SYN brings a new initial sequence number
-    pair = pd.MultiIndex.from_arrays([cap, lo, hi])
-    pair_id = pd.factorize(pair)[0].astype(np.int64)
+    # legs: unordered pairs, split where a SYN brings a new initial sequence number
+    pair_id = pd.factorize(pd.MultiIndex.from_arrays([lo, hi]))[0].astype(np.int64) if n else np.zeros(0, np.int64)
     order = np.lexsort((ts, pair_id))
     pid = pair_id[order]
     syn_only = ((flags & (SYN | ACK)) == SYN)[order]
     syn_seq = pd.Series(np.where(syn_only, seq[order], np.nan))
     prev = syn_seq.groupby(pid).ffill().groupby(pid).shift().to_numpy()
     new = syn_only & ~np.isnan(prev) & (prev != seq[order])
-    start = np.r_[True, pid[1:] != pid[:-1]] | new
+    start = np.r_[True, pid[1:] != pid[:-1]] | new if n else np.zeros(0, bool)
     leg_sorted = np.cumsum(start) - 1
     leg = np.empty(n, dtype=np.int64)
     leg[order] = leg_sorted
@@ -107,33 +123,105 @@ def build_legs(packets: pd.DataFrame) -> Legs:
 
     syn_m = (flags & (SYN | ACK)) == SYN
     synack_m = (flags & (SYN | ACK)) == (SYN | ACK)
-    l_syn_src = first_by_leg(syn_m, a_key)
-    l_syn_seq = first_by_leg(syn_m, seq)
-    l_synack_dst = first_by_leg(synack_m, b_key)
     l_first = first_by_leg(np.ones(n, bool), np.arange(n))
-    l_last_ts = pd.Series(ts).groupby(leg).max().reindex(range(n_legs)).to_numpy()
-    l_first_ts = ts[l_first]
-    l_lo, l_hi, l_cap = lo[l_first], hi[l_first], cap[l_first]
-    # provisional client per leg
-    port_lo, port_hi = l_lo % 65536, l_hi % 65536
+    legs = pd.DataFrame({
+        "leg": np.arange(n_legs), "lo": lo[l_first], "hi": hi[l_first], "first_ts": ts[l_first],
+        "last_ts": pd.Series(ts).groupby(leg).max().reindex(range(n_legs)).to_numpy(np.int64),
+        "isn": first_by_leg(syn_m, seq), "syn_src": first_by_leg(syn_m, a_key),
+        "synack_dst": first_by_leg(synack_m, b_key)})
+    kinds = {"syn": syn_m, "synack": synack_m, "data": plen > 0, "fin": (flags & FIN) != 0,
+             "rst": (flags & RST) != 0, "any": np.ones(n, bool)}
+    tunnelled = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
+    # a capture on several interfaces ("any") sees one packet several times, and retransmissions repeat
+    # segments: count each segment once
+    seg = pd.DataFrame({"leg": leg, "side": (~from_lo).astype(np.int64), "plen": plen, "seq": seq,
+                        "flags": flags & 0x07})
+    seg = seg[~seg.duplicated(["leg", "side", "seq", "plen", "flags"])]
+    g = seg.groupby(["leg", "side"])
+    cnt = g.size().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
+    byt = g["plen"].sum().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
+    for side, sent in (("lo", from_lo), ("hi", ~from_lo)):
+        for name, mask in kinds.items():
+            legs[f"{name}_{side}"] = first_by_leg(sent & mask, ts)
+        legs[f"encap_{side}"] = first_by_leg(sent & tunnelled, np.ones(n, np.int64), 0).astype(bool)
+    legs["packets_lo"], legs["packets_hi"] = cnt[0].to_numpy(np.int64), cnt[1].to_numpy(np.int64)
+    legs["bytes_lo"], legs["bytes_hi"] = byt[0].to_numpy(np.int64), byt[1].to_numpy(np.int64)
+    packets = pd.DataFrame({"ts": ts, "leg": leg, "from_lo": from_lo, "seq": seq, "ack": ack, "tsval": tsval,
+                            "flags": flags, "plen": plen})
+    return CaptureLegs(packets, legs, addresses)
+
+
+def build_legs(packets: pd.DataFrame, captures: list[str] | None = None) -> Legs:
+    """Legs and logical connections of a (pandas) packets table: `capture_legs` per capture, then `join_legs`."""
+    pk = tcp_rows(packets)
+    if captures is None:
+        cap = pk["capture"]
+        captures = [str(c) for c in (cap.cat.categories if isinstance(cap.dtype, pd.CategoricalDtype)
+                                     else sorted(cap.astype(object).unique()))]
+    names = pk["capture"].astype(object).to_numpy(object)
+    parts = {}
+    if len(pk):
+        for c, idx in pd.Series(np.arange(len(pk))).groupby(names).groups.items():
+            parts[str(c)] = capture_legs(pk.iloc[np.asarray(idx)])
+    joined = join_legs(captures, parts)
+    tcp = pd.concat([attach_lconns(parts[c].packets, i, joined) for i, c in enumerate(captures) if c in parts],
+                    ignore_index=True) if parts else attach_lconns(capture_legs(pk.iloc[:0]).packets, 0, joined)
+    return Legs(tcp, joined.legs, joined.lconns, captures)
+
+
+@dataclass
+class JoinedLegs:
+    """`join_legs`'s result: the legs and logical connections, and what `attach_lconns` needs per capture."""
+
+    legs: pd.DataFrame
+    lconns: pd.DataFrame
+    leg_offset: dict[int, int]           # capture code -> first global leg number
+    lconn_of_leg: np.ndarray             # global leg -> lconn
+    client_is_lo: np.ndarray             # lconn -> its client is the legs' lower endpoint key
+
+
+def join_legs(captures: list[str], parts: dict[str, CaptureLegs]) -> JoinedLegs:
+    """Logical connections: legs of the same endpoint pair across captures, same ISN, overlapping in time. Runs on
+    the per-leg tables only (a few rows per connection and capture), wherever the packets are."""
+    frames, offset, addr = [], {}, {}
+    n_legs = 0
+    for i, c in enumerate(captures):
+        p = parts.get(c)
+        if p is None or p.legs.empty:
+            continue
+        f = p.legs.copy()
+        f["cap"] = i
+        f["leg"] = f["leg"] + n_legs
+        offset[i] = n_legs
+        n_legs += len(f)
+        frames.append(f)
+        addr.update(p.addresses)
+    if not frames:
+        return JoinedLegs(pd.DataFrame(columns=LEG_COLUMNS), pd.DataFrame(columns=LCONN_COLUMNS), {},
+                          np.zeros(0, np.int64), np.zeros(0, bool))
+    L = pd.concat(frames, ignore_index=True)
+    l_lo, l_hi = L["lo"].to_numpy(np.int64), L["hi"].to_numpy(np.int64)
+    syn_src, synack_dst = L["syn_src"].to_numpy(np.int64), L["synack_dst"].to_numpy(np.int64)
+    # provisional client per leg: the SYN's source, else the SYN-ACK's destination, else by port (15008 and the
+    # lower port are the server's)
+    port_lo, port_hi = l_lo & 0xFFFF, l_hi & 0xFFFF
     guess = np.where(port_lo == HBONE_PORT, l_hi, np.where(port_hi == HBONE_PORT, l_lo,
                      np.where(port_lo < port_hi, l_hi, l_lo)))
-    evidence = (l_syn_src >= 0) | (l_synack_dst >= 0)
-    client = np.where(l_syn_src >= 0, l_syn_src, np.where(l_synack_dst >= 0, l_synack_dst, guess))
-
-    # --- logical connections: legs of the same pair across captures, same ISN, overlapping in time
-    lg = pd.DataFrame({"lo": l_lo, "hi": l_hi, "first": l_first_ts, "last": l_last_ts, "isn": l_syn_seq,
-                       "client": client, "evidence": evidence, "syn_src": l_syn_src})
-    lg = lg.sort_values(["lo", "hi", "first"], kind="stable")
+    evidence = (syn_src != -1) | (synack_dst != -1)
+    client = np.where(syn_src != -1, syn_src, np.where(synack_dst != -1, synack_dst, guess))
+    lg = pd.DataFrame({"lo": l_lo, "hi": l_hi, "first": L["first_ts"].to_numpy(np.int64),
+                       "last": L["last_ts"].to_numpy(np.int64), "isn": L["isn"].to_numpy(np.int64),
+                       "client": client, "evidence": evidence, "syn": syn_src != -1, "cap": L["cap"].to_numpy()})
+    lg = lg.sort_values(["lo", "hi", "first", "cap"], kind="stable")
     lconn_of_leg = np.empty(n_legs, dtype=np.int64)
-    lconn_rows: list[dict] = []
+    rows: list[dict] = []
     open_by_pair: dict[tuple[int, int], list[int]] = {}
     slack = 60 * 10**9
     for i, r in zip(lg.index.to_numpy(), lg.itertuples(index=False)):
         key = (r.lo, r.hi)
         found = None
         for k in open_by_pair.get(key, []):
-            c = lconn_rows[k]
+            c = rows[k]
             if r.first > c["last"] + slack:
                 continue
             if r.isn >= 0 and c["isn"] >= 0:
@@ -143,65 +231,69 @@ def build_legs(packets: pd.DataFrame) -> Legs:
                 continue
             found = k if found is None else found
         if found is None:
-            lconn_rows.append({"isn": r.isn, "last": r.last, "client": r.client, "evidence": r.evidence,
-                               "syn": r.syn_src >= 0})
-            found = len(lconn_rows) - 1
+            rows.append({"isn": r.isn, "first": r.first, "last": r.last, "client": r.client, "evidence": r.evidence,
+                         "syn": r.syn, "lo": r.lo, "hi": r.hi})
+            found = len(rows) - 1
             open_by_pair.setdefault(key, []).append(found)
         else:
-            c = lconn_rows[found]
-            c["last"] = max(c["last"], r.last)
+            c = rows[found]
+            c["first"], c["last"] = min(c["first"], r.first), max(c["last"], r.last)
             if c["isn"] < 0:
                 c["isn"] = r.isn
-            if (r.syn_src >= 0 and not c["syn"]) or (r.evidence and not c["evidence"]):
-                c["client"], c["evidence"], c["syn"] = r.client, r.evidence, bool(r.syn_src >= 0)
+            if (r.syn and not c["syn"]) or (r.evidence and not c["evidence"]):
+                c["client"], c["evidence"], c["syn"] = r.client, r.evidence, bool(r.syn)
         lconn_of_leg[i] = found
-    lc_client = np.array([c["client"] for c in lconn_rows], dtype=np.int64)
-    pair_lo = np.zeros(len(lconn_rows), dtype=np.int64)
-    pair_hi = np.zeros(len(lconn_rows), dtype=np.int64)
-    pair_lo[lconn_of_leg] = l_lo
-    pair_hi[lconn_of_leg] = l_hi
-    lc_server = np.where(lc_client == pair_lo, pair_hi, pair_lo)
-    lconn = lconn_of_leg[leg]
-    direction = (a_key != lc_client[lconn]).astype(np.int64)
+    # number logical connections by first sight (then endpoints): the same whatever the order of the captures
+    renum = np.empty(len(rows), dtype=np.int64)
+    renum[sorted(range(len(rows)), key=lambda k: (rows[k]["first"], rows[k]["lo"], rows[k]["hi"]))] = \
+        np.arange(len(rows))
+    rows = [rows[k] for k in np.argsort(renum)]
+    lconn_of_leg = renum[lconn_of_leg]
+    lc_client = np.array([c["client"] for c in rows], dtype=np.int64)
+    lc_lo = np.array([c["lo"] for c in rows], dtype=np.int64)
+    lc_server = np.where(lc_client == lc_lo, np.array([c["hi"] for c in rows], dtype=np.int64), lc_lo)
+    client_is_lo = lc_client == lc_lo
 
-    tcp = pd.DataFrame({"cap": cap, "ts": ts, "leg": leg, "lconn": lconn, "dir": direction, "seq": seq, "ack": ack,
-                        "tsval": tsval, "flags": flags, "plen": plen})
+    # per-leg event times by direction: the client's side sends c2s
+    lo_is_client = client_is_lo[lconn_of_leg]
+    legs = pd.DataFrame({"leg": L["leg"].to_numpy(), "cap": L["cap"].to_numpy(),
+                         "capture": np.asarray(captures, object)[L["cap"].to_numpy()], "lconn": lconn_of_leg,
+                         "first_ts": L["first_ts"].to_numpy(np.int64), "last_ts": L["last_ts"].to_numpy(np.int64)})
 
-    # --- per-leg event times (ns; -1 = not seen at this capture)
-    c2s, s2c = direction == 0, direction == 1
-    data = plen > 0
-    ev = {
-        "syn": c2s & syn_m, "syn_ack": s2c & synack_m,
-        "data_c2s": c2s & data, "data_s2c": s2c & data,
-        "fin_c2s": c2s & ((flags & FIN) != 0), "fin_s2c": s2c & ((flags & FIN) != 0),
-        "rst_c2s": c2s & ((flags & RST) != 0), "rst_s2c": s2c & ((flags & RST) != 0),
-        "first_c2s": c2s, "first_s2c": s2c,
-    }
-    legs = pd.DataFrame({"leg": np.arange(n_legs), "cap": l_cap, "capture": np.asarray(captures, object)[l_cap],
-                         "lconn": lconn_of_leg, "first_ts": l_first_ts, "last_ts": l_last_ts})
-    for name, mask in ev.items():
-        legs[name] = first_by_leg(mask, ts)
-    # a capture on several interfaces ("any") sees one packet several times, and retransmissions repeat
-    # segments: count each segment once
-    seg = pd.DataFrame({"leg": leg, "dir": direction, "plen": plen, "seq": seq, "ack": ack, "flags": flags & 0x07,
-                        "tsval": tsval})
-    seg = seg[~seg.duplicated(["leg", "dir", "seq", "plen", "flags"])]
-    g = seg.groupby(["leg", "dir"])
-    cnt = g.size().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
-    byt = g["plen"].sum().unstack(fill_value=0).reindex(index=range(n_legs), columns=[0, 1], fill_value=0)
-    legs["packets_c2s"], legs["packets_s2c"] = cnt[0].to_numpy(), cnt[1].to_numpy()
-    legs["bytes_c2s"], legs["bytes_s2c"] = byt[0].to_numpy(), byt[1].to_numpy()
-    tunnelled = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
-    legs["encap_c2s"] = first_by_leg(c2s & tunnelled, np.ones(n, np.int64), 0).astype(bool)
+    def by_dir(col_lo: str, col_hi: str, client_side: bool) -> np.ndarray:
+        a, b = L[col_lo].to_numpy(), L[col_hi].to_numpy()
+        return np.where(lo_is_client == client_side, a, b)
+
+    for name, kind, client_side in (("syn", "syn", True), ("syn_ack", "synack", False), ("data_c2s", "data", True),
+                                    ("data_s2c", "data", False), ("fin_c2s", "fin", True), ("fin_s2c", "fin", False),
+                                    ("rst_c2s", "rst", True), ("rst_s2c", "rst", False), ("first_c2s", "any", True),
+                                    ("first_s2c", "any", False)):
+        legs[name] = by_dir(f"{kind}_lo", f"{kind}_hi", client_side)
+    for name, base, client_side in (("packets_c2s", "packets", True), ("packets_s2c", "packets", False),
+                                    ("bytes_c2s", "bytes", True), ("bytes_s2c", "bytes", False),
+                                    ("encap_c2s", "encap", True)):
+        legs[name] = by_dir(f"{base}_lo", f"{base}_hi", client_side)
+    legs["encap_c2s"] = legs["encap_c2s"].astype(bool)
     legs = legs[LEG_COLUMNS]
-
     names_c = _endpoint_names(addr, lc_client)
     names_s = _endpoint_names(addr, lc_server)
-    lconns = pd.DataFrame({"lconn": np.arange(len(lconn_rows)), "client": names_c, "server": names_s,
+    lconns = pd.DataFrame({"lconn": np.arange(len(rows)), "client": names_c, "server": names_s,
                            "client_ip": [x.rsplit(":", 1)[0].strip("[]") for x in names_c],
                            "server_ip": [x.rsplit(":", 1)[0].strip("[]") for x in names_s],
-                           "server_port": lc_server % 65536, "isn": [c["isn"] for c in lconn_rows]})
-    return Legs(tcp, legs, lconns, captures)
+                           "server_port": lc_server & 0xFFFF, "isn": [c["isn"] for c in rows]})
+    return JoinedLegs(legs, lconns, offset, lconn_of_leg, client_is_lo)
+
+
+def attach_lconns(packets: pd.DataFrame, cap: int, joined: JoinedLegs) -> pd.DataFrame:
+    """One capture's per-packet rows (`CaptureLegs.packets`) in the global numbering: `Legs.tcp`'s columns."""
+    leg = packets["leg"].to_numpy(np.int64) + joined.leg_offset.get(cap, 0)
+    lconn = joined.lconn_of_leg[leg] if len(leg) else np.zeros(0, np.int64)
+    from_client = packets["from_lo"].to_numpy(bool) == joined.client_is_lo[lconn] if len(leg) else np.zeros(0, bool)
+    return pd.DataFrame({"cap": np.full(len(leg), cap, np.int64), "ts": packets["ts"].to_numpy(np.int64),
+                         "leg": leg, "lconn": lconn, "dir": (~from_client).astype(np.int64),
+                         "seq": packets["seq"].to_numpy(np.int64), "ack": packets["ack"].to_numpy(np.int64),
+                         "tsval": packets["tsval"].to_numpy(np.int64), "flags": packets["flags"].to_numpy(np.int64),
+                         "plen": packets["plen"].to_numpy(np.int64)})
 
 
 def _undo_redirects(cap, a_key, b_key, flags, seq, ack):

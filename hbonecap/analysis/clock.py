@@ -68,44 +68,63 @@ class GroupOffset:
 
 
 def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
-    """For every pair of groups and every connection seen in both: per packet (dir, delta = t_b - t_a, t_a)."""
+    """For every pair of groups and every connection seen in both: per packet (dir, delta = t_b - t_a, t_a).
+
+    `legs.tcp` may be a Dask DataFrame whose partitions each hold whole captures (`cluster.legs_on_cluster`):
+    the reductions and the join then run on the cluster and only the matched pairs come back."""
+    cols = ["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"]
     tcp = legs.tcp
-    if tcp.empty:
-        return pd.DataFrame(columns=["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"])
-    t = tcp[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen"]].copy()
-    t["fl"] = packet_class(t["flags"], t["plen"])
+    remote = hasattr(tcp, "npartitions")
+    if not remote and tcp.empty:
+        return pd.DataFrame(columns=cols)
     grp_names = sorted(set(group_of_cap.values()))
     gcode = {g: i for i, g in enumerate(grp_names)}
     cap_to_grp = np.asarray([gcode[group_of_cap[c]] for c in range(len(legs.captures))], dtype=np.int64)
-    t["grp"] = cap_to_grp[t["cap"].to_numpy()]
+
+    def prepare(t: pd.DataFrame) -> pd.DataFrame:
+        t = t[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen"]].copy()
+        t["fl"] = packet_class(t["flags"], t["plen"])
+        t["grp"] = cap_to_grp[t["cap"].to_numpy()]
+        return t
+
+    t = tcp.map_partitions(prepare, meta=prepare(tcp._meta)) if remote else prepare(tcp)
     # up to three captures per (group, lconn), those with the most packets of it: the pair of captures closest
     # to each other (smallest round trip, least path asymmetry) is chosen later
-    counts = t.groupby(["grp", "lconn", "cap"]).size().rename("n").reset_index()
+    counts = t.groupby(["grp", "lconn", "cap"]).size()
+    counts = (counts.compute() if remote else counts).rename("n").reset_index()
     counts = counts.sort_values(["grp", "lconn", "n"], ascending=[True, True, False])
     counts = counts[counts.groupby(["grp", "lconn"]).cumcount() < MAX_CAPTURES_PER_GROUP]
     multi = counts.groupby("lconn")["grp"].nunique()
     shared = multi[multi >= 2].index
     rep = counts[counts["lconn"].isin(shared)][["grp", "lconn", "cap"]]
-    t = t.merge(rep, on=["grp", "lconn", "cap"], how="inner")
-    t = t.sort_values("ts", kind="stable").drop_duplicates(["cap"] + KEY, keep="first")
+    if rep.empty:
+        return pd.DataFrame(columns=cols)
+
+    def first_sight(d: pd.DataFrame) -> pd.DataFrame:   # exact per partition: a capture is in one partition
+        return d.merge(rep, on=["grp", "lconn", "cap"], how="inner").sort_values("ts", kind="stable") \
+            .drop_duplicates(["cap"] + KEY, keep="first")
+
+    t = t.map_partitions(first_sight, meta=first_sight(t._meta)) if remote else first_sight(t)
     out = []
     for ga in range(len(grp_names)):
+        lconns_a = rep.loc[rep["grp"] == ga, "lconn"].unique()
+        if not len(lconns_a):
+            continue
         ta = t[t["grp"] == ga]
-        if ta.empty:
-            continue
-        tb_all = t[(t["grp"] > ga) & t["lconn"].isin(ta["lconn"].unique())]
-        if tb_all.empty:
-            continue
+        tb_all = t[(t["grp"] > ga) & t["lconn"].isin(lconns_a.tolist())]
         m = ta[KEY + ["ts", "cap"]].merge(tb_all[KEY + ["ts", "cap", "grp"]], on=KEY, suffixes=("_a", "_b"))
+        if remote:
+            m = m.compute()
         if m.empty:
             continue
+        m = m.sort_values(["ts_a", "cap_a", "cap_b", "ts_b"], kind="stable")
         out.append(pd.DataFrame({"ga": grp_names[ga], "gb": np.asarray(grp_names, object)[m["grp"].to_numpy()],
                                  "lconn": m["lconn"].to_numpy(), "dir": m["dir"].to_numpy(),
                                  "delta": (m["ts_b"] - m["ts_a"]).to_numpy(), "ta": m["ts_a"].to_numpy(),
                                  "cap_a": np.asarray(legs.captures, object)[m["cap_a"].to_numpy()],
                                  "cap_b": np.asarray(legs.captures, object)[m["cap_b"].to_numpy()]}))
     if not out:
-        return pd.DataFrame(columns=["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"])
+        return pd.DataFrame(columns=cols)
     return pd.concat(out, ignore_index=True)
 
 

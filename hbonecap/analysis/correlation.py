@@ -47,6 +47,7 @@ import pandas as pd
 
 from hbonecap import tables
 from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
+from hbonecap.analysis.cluster import address_counts, datagram_rows, is_dask, legs_on_cluster, tcp_of
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
@@ -116,7 +117,8 @@ class _Correlator:
     # ------------------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, pd.DataFrame]:
         a = self.a
-        self.L: Legs = build_legs(a.packets)
+        self.L: Legs = legs_on_cluster(a.packets, [c for c, n in zip(a.captures["capture"], a.captures["packets"])
+                                                   if n > 0]) if is_dask(a.packets) else build_legs(a.packets)
         self.caps = self.L.captures
         self.cap_index = {c: i for i, c in enumerate(self.caps)}
         ci = a.captures.set_index("capture") if len(a.captures) else pd.DataFrame(columns=["role", "node"])
@@ -141,26 +143,15 @@ class _Correlator:
 
     # --- capture points ----------------------------------------------------------------------------------------
     def _owner_ips(self) -> dict[str, str]:
-        pk = self.a.packets
-        if pk.empty:
+        counts, od = address_counts(self.a.packets)
+        if counts.empty:
             return {}
-        tun = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
-        parts = []
-        for outer, inner in (("outer_src", "src"), ("outer_dst", "dst")):
-            v = np.where(tun, pk[outer].astype(object).to_numpy(object), pk[inner].astype(object).to_numpy(object))
-            parts.append(pd.DataFrame({"capture": pk["capture"].astype(object).to_numpy(object), "ip": v}))
-        ips = pd.concat(parts, ignore_index=True).dropna()
-        counts = ips.groupby(["capture", "ip"]).size().rename("n").reset_index()
         owners: dict[str, str] = {}
         # a ztunnel (eras A/B) receives Istio's Geneve packets (VNI 1000/1001) from the node: its address is
         # their outer destination (its replies leave as plain IP, which makes other counts misleading)
-        gen = pk["vni"].isin([1000, 1001]).fillna(False).to_numpy(bool) & tun
-        if gen.any():
-            od = pd.DataFrame({"capture": pk["capture"].astype(object).to_numpy(object)[gen],
-                               "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}).dropna()
-            for cap, g in od.groupby("capture"):
-                if self.role.get(cap) == "ztunnel":
-                    owners[cap] = g["ip"].value_counts().index[0]
+        for cap, g in od.groupby("capture"):
+            if self.role.get(cap) == "ztunnel":
+                owners[cap] = g.sort_values(["n", "ip"], ascending=[False, True], kind="stable")["ip"].iloc[0]
         # proxies first (their address is in nearly every packet), then pods: on a pod capture the peer is in
         # as many packets as the pod itself, so near-ties go to the address that is not another point's and
         # that shares the longest prefix with a proxy's (the node's pod subnet), not a Service address
@@ -252,7 +243,7 @@ class _Correlator:
         for c in all_caps:
             self.group.setdefault(c, self.node.get(c) or self._host_group(c))
         groups = sorted(set(self.group.values()))
-        dg = datagram_deltas(self.a.packets, all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
+        dg = datagram_deltas(datagram_rows(self.a.packets), all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
         self.pairs = pair_estimates(deltas) if len(deltas) else []
         if len(dg):   # only for pairs of clocks that share no TCP connection: TCP matching is unambiguous
             have = {(p.a, p.b) for p in self.pairs}
@@ -364,8 +355,7 @@ class _Correlator:
         if not rows:
             return
         e = pd.DataFrame(rows, columns=["si", "ei", "cap", "lconn", "ts"])
-        tcp = self.L.tcp
-        tcp = tcp[tcp["lconn"].isin(e["lconn"].unique())].copy()
+        tcp = tcp_of(self.L, e["lconn"].unique())
         tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
         key = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
         first = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap", "lconn", "ts"], keep="first")
@@ -915,7 +905,7 @@ class _Correlator:
         spref = [z for z in (self._ztunnel_of_node(snode, t), self._ztunnel_of_node(dnode, t)) if z]
         cl_list, sv_list = self._end_lists(t, [zc] if zc else [], spref)
         if self._tcp_by_lconn is None:
-            tcp = self.L.tcp[self.L.tcp["lconn"].isin([x for x in self.tunnel_lconns])].copy()
+            tcp = tcp_of(self.L, self.tunnel_lconns)
             tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
             tcp = tcp.sort_values("ts", kind="stable")
             self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}

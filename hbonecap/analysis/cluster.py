@@ -1,0 +1,136 @@
+"""Correlation inputs computed where the packets are: on a Dask cluster, with `engine="dask"`.
+
+With `analyze(..., scheduler=..., engine="dask")` the packets table is a Dask DataFrame whose partitions live on
+the workers (one per capture point). Correlation needs three things from it, and each is computed there:
+
+- legs (`legs_on_cluster`): `capture_legs` runs on each worker over its own partition; only the per-leg rows
+  (a few per connection and capture) travel to the client, where `join_legs` ties them into logical
+  connections; the per-packet TCP rows (`Legs.tcp`) stay a Dask DataFrame, numbered globally on the workers.
+- clock offsets: `clock.packet_deltas` joins the same packet across capture groups with Dask merges on that
+  per-packet table (a shuffle on the cluster); only the matched pairs' time differences come back.
+- address counts and datagrams (`address_counts`, `datagram_rows`): per-capture group-bys and the few non-TCP
+  rows, reduced on the workers.
+
+Everything here also accepts a pandas DataFrame and then runs in this process, so one code path serves both.
+A partitioning that splits one capture over several partitions is shuffled by capture first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hbonecap.analysis.legs import (CaptureLegs, JoinedLegs, Legs, attach_lconns, build_legs, capture_legs,
+                                    join_legs, tcp_rows)
+
+TCP_META = pd.DataFrame({c: pd.Series([], dtype="int64")
+                         for c in ("cap", "ts", "leg", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen")})
+
+
+def is_dask(df) -> bool:
+    return hasattr(df, "npartitions") and hasattr(df, "to_delayed")
+
+
+def _legs_of_partition(pdf: pd.DataFrame) -> dict[str, CaptureLegs]:
+    pk = tcp_rows(pdf)
+    out: dict[str, CaptureLegs] = {}
+    if len(pk):
+        names = pk["capture"].astype(object).to_numpy(object)
+        for c, idx in pd.Series(np.arange(len(pk))).groupby(names).groups.items():
+            out[str(c)] = capture_legs(pk.iloc[np.asarray(idx)])
+    return out
+
+
+def _summary(parts: dict[str, CaptureLegs]) -> dict[str, CaptureLegs]:
+    return {c: CaptureLegs(p.packets.iloc[:0], p.legs, p.addresses) for c, p in parts.items()}
+
+
+def _attach_partition(parts: dict[str, CaptureLegs], cap_of: dict[str, int], joined: JoinedLegs) -> pd.DataFrame:
+    frames = [attach_lconns(p.packets, cap_of[c], joined) for c, p in parts.items()]
+    return pd.concat(frames, ignore_index=True) if frames else TCP_META.copy()
+
+
+def legs_on_cluster(packets, captures: list[str]) -> Legs:
+    """`build_legs` for a Dask packets table: the per-packet work on the workers, the join over legs here."""
+    if not is_dask(packets):
+        return build_legs(packets, captures)
+    import dask
+    from dask import delayed
+
+    parts = [delayed(_legs_of_partition)(d) for d in packets.to_delayed()]
+    parts = list(dask.persist(*parts))
+    summaries = dask.compute(*[delayed(_summary)(p) for p in parts])
+    seen = [c for s in summaries for c in s]
+    if len(seen) != len(set(seen)):           # a capture spread over partitions: put each capture in one
+        packets = packets.shuffle("capture", npartitions=max(1, len(set(seen))))
+        return legs_on_cluster(packets, captures)
+    merged = {c: p for s in summaries for c, p in s.items()}
+    captures = [c for c in captures if c in merged] + sorted(c for c in merged if c not in captures)
+    joined = join_legs(captures, merged)
+    slim = JoinedLegs(joined.legs.iloc[:0], joined.lconns.iloc[:0], joined.leg_offset, joined.lconn_of_leg,
+                      joined.client_is_lo)
+    cap_of = {c: i for i, c in enumerate(captures)}
+    slim_d = delayed(slim, traverse=False)
+    import dask.dataframe as dd
+
+    tcp = dd.from_delayed([delayed(_attach_partition)(p, cap_of, slim_d) for p in parts], meta=TCP_META,
+                          verify_meta=False)
+    return Legs(tcp, joined.legs, joined.lconns, captures)
+
+
+def tcp_of(legs: Legs, lconns) -> pd.DataFrame:
+    """The per-packet TCP rows of some logical connections, as a pandas DataFrame (computed on the cluster)."""
+    want = sorted({int(x) for x in lconns})
+    t = legs.tcp[legs.tcp["lconn"].isin(want)]
+    return t.compute().reset_index(drop=True) if is_dask(t) else t.copy()
+
+
+OWNER_COLUMNS = ["capture", "ip", "n"]
+
+
+def _address_counts(pk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if pk.empty:
+        return pd.DataFrame(columns=OWNER_COLUMNS), pd.DataFrame(columns=OWNER_COLUMNS)
+    tun = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
+    cap = pk["capture"].astype(object).to_numpy(object)
+    parts = []
+    for outer, inner in (("outer_src", "src"), ("outer_dst", "dst")):
+        v = np.where(tun, pk[outer].astype(object).to_numpy(object), pk[inner].astype(object).to_numpy(object))
+        parts.append(pd.DataFrame({"capture": cap, "ip": v}))
+    ips = pd.concat(parts, ignore_index=True).dropna()
+    counts = ips.groupby(["capture", "ip"]).size().rename("n").reset_index()
+    gen = pk["vni"].isin([1000, 1001]).fillna(False).to_numpy(bool) & tun
+    od = pd.DataFrame({"capture": cap[gen], "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}).dropna()
+    od = od.groupby(["capture", "ip"]).size().rename("n").reset_index()
+    return counts, od
+
+
+def address_counts(packets) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per capture and address, how many packets carry it (outer addresses for tunnelled packets), and the same
+    for the outer destinations of Istio's Geneve packets (VNI 1000/1001): (counts, geneve_destinations)."""
+    if not is_dask(packets):
+        return _address_counts(packets)
+    import dask
+    from dask import delayed
+
+    got = dask.compute(*[delayed(_address_counts)(d) for d in packets.to_delayed()])
+    out = []
+    for k in range(2):
+        frames = [g[k] for g in got if len(g[k])]
+        f = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OWNER_COLUMNS)
+        out.append(f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index() if len(f) else f)
+    return out[0], out[1]
+
+
+DATAGRAM_COLUMNS = ["capture", "ts", "src", "dst", "proto", "ip_id", "sport", "dport", "payload_len", "icmp_type"]
+
+
+def datagram_rows(packets) -> pd.DataFrame:
+    """The packets other than TCP that carry an IP identification (UDP, ICMP): the rows `datagram_deltas` pairs
+    across captures, with only the columns it reads."""
+    def pick(pk: pd.DataFrame) -> pd.DataFrame:
+        m = (pk["proto"] != "tcp") & pk["ip_id"].notna() & pk["src"].notna() & pk["dst"].notna()
+        return pk.loc[m, DATAGRAM_COLUMNS]
+
+    if not is_dask(packets):
+        return pick(packets)
+    return packets.map_partitions(pick, meta=packets._meta[DATAGRAM_COLUMNS]).compute().reset_index(drop=True)

@@ -346,7 +346,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     manifest, overrides the capture-point guess.
     jobs: local processes, one capture point each (None: one per core). scheduler: a Dask scheduler address
     ("tcp://host:8786") or a `dask.distributed.Client`: one task per capture point on the cluster (retried if a
-    worker dies). engine: "pandas", or "dask" to keep the packets table as a Dask DataFrame on the cluster.
+    worker dies). engine: "pandas", or "dask" to keep the packets table as a Dask DataFrame on the cluster
+    (correlation's per-packet work and joins then run there: hbonecap/analysis/cluster.py).
     on_error: "raise" (a file that is not a capture raises CaptureError) or "report" (it becomes an anomaly row and
     the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE (False: packets and
     connections only). correlate: tie connections across captures into flows, hops, clock offsets and latency.
@@ -410,17 +411,12 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         _collect(res, err, results, errors, on_error)
     a = _assemble(results, errors + keylog_anomalies)
     if remote_packets is not None:
-        # the packets stay on the cluster; correlation gets the TCP rows and the columns it reads, computed there
+        # the packets stay on the cluster: correlation's per-packet work and joins run there (analysis/cluster.py)
         a.packets = remote_packets
-        local = remote_packets[remote_packets["proto"] == "tcp"].compute() if streams and correlate else None
     if streams and correlate:
         from hbonecap.analysis.correlation import correlate as correlate_captures
 
-        if remote_packets is not None:
-            a.packets = tables.concat("packets", [local.reset_index(drop=True)])
         found = correlate_captures(a)
-        if remote_packets is not None:
-            a.packets = remote_packets
         for name in ("flows", "hops", "clock", "latency"):
             setattr(a, name, found.get(name, tables.empty(name)))
         if len(found.get("anomalies", ())):

@@ -145,3 +145,60 @@ def test_unreachable_scheduler_is_a_clear_error():
     pytest.importorskip("dask.distributed")
     r = CliRunner().invoke(app, ["correlate", str(SCENARIO / "pod-a-eth0.pcap"), "--scheduler", "tcp://127.0.0.1:1"])
     assert r.exit_code == 2 and "cannot reach the Dask scheduler" in r.output
+
+
+def _sorted_tcp(t):
+    return t.sort_values(["cap", "ts", "leg", "seq", "ack", "flags"], kind="stable").reset_index(drop=True)
+
+
+def test_legs_and_packet_join_run_on_the_cluster(cluster, serial):
+    """With engine="dask" the per-packet leg work and the cross-capture packet join are tasks on the workers, and
+    give what the pandas path gives."""
+    from distributed import get_task_stream
+
+    from hbonecap.analysis.clock import packet_deltas
+    from hbonecap.analysis.cluster import legs_on_cluster
+    from hbonecap.analysis.legs import build_legs
+
+    _, client = cluster
+    a = hbonecap.analyze(SCENARIO, keylog=SCENARIO / "keylog.txt", scheduler=client, engine="dask",
+                         correlate=False)
+    caps = list(serial.captures["capture"])
+    local = build_legs(serial.packets)
+    with get_task_stream(client) as ts:
+        remote = legs_on_cluster(a.packets, caps)
+        assert hasattr(remote.tcp, "npartitions")            # the per-packet rows stay on the cluster
+        groups = {c: c.split("-")[1] if c.startswith(("node", "ztunnel", "pod")) else c for c in caps}
+        gmap_l = {i: groups[c] for i, c in enumerate(local.captures)}
+        gmap_r = {i: groups[c] for i, c in enumerate(remote.captures)}
+        d_remote = packet_deltas(remote, gmap_r)
+    names = {t["key"].split("-")[0] if isinstance(t["key"], str) else str(t["key"][0]) for t in ts.data}
+    assert any("legs_of_partition" in n for n in names), names
+    assert any(n.startswith(("merge", "hash-join", "hashjoin")) for n in names), names   # a join on the workers
+    assert remote.captures == local.captures
+    pd.testing.assert_frame_equal(remote.legs.reset_index(drop=True), local.legs.reset_index(drop=True),
+                                  check_dtype=False)
+    pd.testing.assert_frame_equal(remote.lconns, local.lconns, check_dtype=False)
+    pd.testing.assert_frame_equal(_sorted_tcp(remote.tcp.compute()), _sorted_tcp(local.tcp))
+    d_local = packet_deltas(local, gmap_l)
+    assert len(d_local) > 100                                 # node a and node b share every connection
+    pd.testing.assert_frame_equal(d_remote.reset_index(drop=True), d_local.reset_index(drop=True),
+                                  check_dtype=False)
+
+
+def test_a_capture_split_over_partitions_is_shuffled_whole(cluster, serial):
+    """A packets table partitioned without regard to captures (here: row blocks) still gives the same legs."""
+    import dask.dataframe as dd
+
+    from hbonecap.analysis.cluster import legs_on_cluster
+    from hbonecap.analysis.legs import build_legs
+
+    _, client = cluster
+    pk = serial.packets
+    ddf = dd.from_pandas(pk, npartitions=7, sort=False)
+    caps = list(serial.captures["capture"])
+    remote = legs_on_cluster(ddf, caps)
+    local = build_legs(pk)
+    pd.testing.assert_frame_equal(remote.legs.reset_index(drop=True), local.legs.reset_index(drop=True),
+                                  check_dtype=False)
+    pd.testing.assert_frame_equal(_sorted_tcp(remote.tcp.compute()), _sorted_tcp(local.tcp))

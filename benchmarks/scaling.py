@@ -1,6 +1,6 @@
 """Scale-out benchmark: the same capture set analysed by a Dask LocalCluster with 1 and with 2 worker processes.
 
-    python benchmarks/scaling.py [--captures 4] [--packets 100000]
+    python benchmarks/scaling.py [--captures 4] [--packets 100000] [--engine pandas|dask]
 
 Prints wall time, seconds per GB of capture and the speed-up. Against an existing cluster, pass
 `scheduler="tcp://host:8786"` to `hbonecap.analyze` (or `--scheduler` on the command line) instead.
@@ -19,6 +19,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--captures", type=int, default=4)
     ap.add_argument("--packets", type=int, default=100_000)
+    ap.add_argument("--engine", choices=("pandas", "dask"), default="pandas",
+                    help="dask: the packets table stays on the workers and correlation's joins run there")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from generate import generate
@@ -42,9 +44,12 @@ def main() -> None:
             client.run(lambda: __import__("hbonecap.decode"))   # imports outside the timing
             hbonecap.analyze(files[:1], scheduler=client, correlate=False)   # warm the compiled decoders
             t = time.perf_counter()
-            hbonecap.analyze(files, scheduler=client)
+            r = hbonecap.analyze(files, scheduler=client, engine=a.engine)
+            if a.engine == "dask":
+                r.packets.persist()      # the table itself, not only what correlation read of it
             rows.append((workers, time.perf_counter() - t))
-    print(f"# {a.captures} captures x {a.packets} packets, {gb:.2f} GB, {time.strftime('%Y-%m-%d')}")
+    print(f"# {a.captures} captures x {a.packets} packets, {gb:.2f} GB, engine {a.engine}, "
+          f"{time.strftime('%Y-%m-%d')}")
     print("| workers | wall s | s per GB | speed-up |")
     print("|---:|---:|---:|---:|")
     for w, t in rows:

@@ -165,7 +165,7 @@ class Analysis:
     (see `hbonecap.tables` and `Analysis.describe(name)`)."""
 
     TABLES = ("captures", "packets", "connections", "anomalies", "tunnels", "streams", "requests", "flows", "hops",
-              "clock", "latency")
+              "clock", "latency", "tunnel_records")
 
     def __init__(self, **frames: pd.DataFrame) -> None:
         for name in self.TABLES:
@@ -421,6 +421,10 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             setattr(a, name, found.get(name, tables.empty(name)))
         if len(found.get("anomalies", ())):
             a.anomalies = tables.concat("anomalies", [a.anomalies, found["anomalies"]])
+    if streams:   # HBONE connections that were not decrypted: their TLS records, labelled (keyless)
+        from hbonecap.analysis.keyless import records_table
+
+        a.tunnel_records = records_table(a)
     return a
 
 

@@ -238,6 +238,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("latency_ms", "float64", "dst_ts - src_ts: time the event took across the hop"),
         ("since_start_ms", "float64", "src_ts relative to the flow's start"),
         ("captures", "Int64", "captures that saw this event"),
+        ("inferred", "boolean", "the event's time was inferred without keys from the TLS record that most likely "
+                                "carried it (keyless HBONE); false for observed events"),
     ),
     "clock": _cols(
         ("capture", "string", "capture name"),
@@ -269,6 +271,22 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("max_ms", "float64", "maximum"),
         ("mean_ms", "float64", "mean"),
         ("min_ms", "float64", "minimum"),
+    ),
+    "tunnel_records": _cols(
+        ("capture", "string", "capture name"),
+        ("tunnel_id", "string", "tunnels.tunnel_id of an HBONE connection that was not decrypted"),
+        ("record", "int64", "position in the connection's TLS record timeline"),
+        ("direction", "string", "c2s (TLS client to server) or s2c"),
+        ("ts_first", TS, "capture time of the record's first byte"),
+        ("ts_last", TS, "capture time of the record's last byte"),
+        ("content_type", "Int64", "TLS record content type (23 application data, 22 handshake, ...)"),
+        ("length", "Int64", "record length without its 5-byte header (TLS 1.3: HTTP/2 bytes + 17)"),
+        ("kind", "string", "inferred content: handshake, change_cipher_spec, alert, preface_settings, settings, "
+                           "settings_ack, headers (a new stream), response, data, end_stream, control "
+                           "(WINDOW_UPDATE or RST_STREAM), ping, ping_ack, goaway"),
+        ("payload", "Int64", "HTTP/2 bytes; for data, estimated tunnelled bytes (minus frame headers)"),
+        ("stream", "Int64", "inferred stream number (1, 2, ...) of a headers / response record"),
+        ("stream_id", "Int64", "inferred HTTP/2 stream id, when the connection was seen from its handshake"),
     ),
 }
 

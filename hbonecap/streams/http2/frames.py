@@ -28,6 +28,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..anomalies import Anomaly
 from ..timeline import Timed, TimedBuffer
 
@@ -127,6 +129,24 @@ def plausible(buf, pos: int, max_frame: int = 1 << 20) -> int:
     return 9 + length
 
 
+_FLAG_MASKS = np.array([~m & 0xFF for m in _VALID_FLAGS] + [0xFF] * 246, dtype=np.uint8)
+
+
+def _header_candidates(buf, lo: int, hi: int) -> list[int]:
+    """Offsets in [lo, hi) that pass the cheap necessary tests of `plausible` (type known, flags valid for it,
+    length within 1 MiB, reserved bit clear), found with numpy: a scan of random bytes costs one pass in C
+    instead of a Python call per offset."""
+    if hi - lo < 256:
+        return list(range(lo, hi))
+    a = np.frombuffer(buf, dtype=np.uint8, count=hi - lo + 8, offset=lo)
+    m = len(a) - 8
+    ok = (a[3:3 + m] < 10) & (a[:m] <= 0x10) & ((a[5:5 + m] & 0x80) == 0)
+    ok &= (a[4:4 + m] & _FLAG_MASKS[a[3:3 + m]]) == 0
+    out = (np.flatnonzero(ok) + lo).tolist()
+    del a, ok                      # release the buffer export: a bytearray must stay resizable
+    return out
+
+
 def find_frame_start(buf, limit: int = RESYNC_WINDOW, start: int = 0) -> int:
     """First offset where two consecutive plausible frame headers (or one frame ending at the data's end) begin.
 
@@ -140,7 +160,7 @@ def scan_frames(buf, limit: int = RESYNC_WINDOW, start: int = 0) -> tuple[int, i
     that more data could still turn into a frame start."""
     n = len(buf)
     undecided = -1
-    for pos in range(start, min(n - 9 + 1, limit)):
+    for pos in _header_candidates(buf, start, min(n - 9 + 1, limit)):
         size = plausible(buf, pos)
         if size < 0:
             continue

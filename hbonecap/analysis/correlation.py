@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from hbonecap import tables
+from hbonecap.analysis.keyless import data_payload, infer_records
 from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
 from hbonecap.analysis.cluster import address_counts, datagram_rows, is_dask, legs_on_cluster, tcp_of
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
@@ -58,6 +59,9 @@ MS = 1e6
 TOL = 1_000_000            # 1 ms: timing tolerance for "after" constraints
 WINDOW = 30 * 10**9        # a downstream connection starts within 30 s of the upstream one
 MAX_CANDIDATES = 200       # nearest earlier client connections considered per stream when inferring
+KEYLESS_TOL = 50_000       # 50 us: a TLS record follows the plain-leg event it carries (clock error allowance)
+SIZE_WINDOW = 20_000_000   # a DATA record of the expected size is preferred to earlier ones within 20 ms
+AMBIGUOUS_NS = 1_000_000   # concurrent streams' events closer than 1 ms with records of one size are ambiguous
 
 # TCP leg events: (legs column, event name, direction 0 = client to server)
 TCP_EVENTS = (("syn", "syn", 0), ("syn_ack", "syn_ack", 1), ("data_c2s", "first_request_byte", 0),
@@ -139,6 +143,8 @@ class _Correlator:
         self._leg_times()
         self._streams()
         flows = self._match()
+        self._flow_pos = {id(f): i for i, f in enumerate(flows)}
+        self._keyless_events(flows)
         return self._tables(flows)
 
     # --- capture points ----------------------------------------------------------------------------------------
@@ -295,6 +301,7 @@ class _Correlator:
         a = self.a
         self.streams: dict[tuple[int, int], _Stream] = {}
         self.tunnel_lconns: set[int] = set()
+        self.tunnel_timelines: dict[int, list[tuple[str, str]]] = defaultdict(list)   # lconn -> (capture, tunnel)
         tun = a.tunnels
         tkey = {}
         for r in tun.itertuples(index=False):
@@ -305,6 +312,7 @@ class _Correlator:
             if lc is not None:
                 tkey[(r.capture, r.tunnel_id)] = (lc, r.client, r.server)
                 self.tunnel_lconns.add(lc)
+                self.tunnel_timelines[lc].append((r.capture, r.tunnel_id))
         reqs = a.requests
         inner = {}
         for r in reqs.itertuples(index=False):
@@ -891,6 +899,142 @@ class _Correlator:
             hops.append(self._tcp_hop(d, f"{clabel} -> {slabel}", len(hops), cl_list, sv_list))
         return hops
 
+    # --- keyless HBONE hop events from TLS records --------------------------------------------------------------
+    def _tunnel_records(self, t: int, d: int, prefer: list[str]) -> list[tuple]:
+        """Records of direction d of HBONE connection t, labelled (keyless.infer_records), at one capture: the
+        first of `prefer` (then any) that saw the most of them. Tuples (corrected ts_last, capture, raw ts_last,
+        record), in time order."""
+        key = (t, d, tuple(prefer))
+        cache = self.__dict__.setdefault("_rec_cache", {})
+        if key in cache:
+            return cache[key]
+        details = getattr(self.a, "details", None) or {}
+        best, best_n = None, 0
+        order = {c: i for i, c in enumerate(prefer)}
+        views = sorted(self.tunnel_timelines.get(t, []), key=lambda ct: order.get(ct[0], len(order)))
+        labelled: dict[str, list] = defaultdict(list)
+        for cap, tid in views:
+            tl = getattr(details.get(cap), "records", {}).get(tid) if details.get(cap) is not None else None
+            if tl:
+                labelled[cap].extend(infer_records(tl))
+        for cap, recs in labelled.items():
+            n = sum(1 for r in recs if r.direction == d)
+            if n > best_n:
+                best, best_n = cap, n
+        out = []
+        if best is not None:
+            out = sorted(((self.corr(best, r.ts_last), best, r.ts_last, r) for r in labelled[best]
+                          if r.direction == d), key=lambda x: x[0])
+        cache[key] = out
+        return out
+
+    def _first_chunk(self, lconn: int | None, d: int) -> int | None:
+        """Payload length of the first data segment of a connection in direction d."""
+        if lconn is None:
+            return None
+        if not hasattr(self, "_chunks"):
+            tcp = self.L.tcp
+            data = tcp[tcp["plen"] > 0].sort_values("ts", kind="stable").drop_duplicates(["lconn", "dir"])
+            self._chunks = {(int(l), int(x)): int(n) for l, x, n in zip(data["lconn"], data["dir"], data["plen"])}
+        return self._chunks.get((lconn, d))
+
+    def _keyless_events(self, flows: list[_Flow]) -> None:
+        """Hop events of the flows tied without keys, from the TLS records of their HBONE connections.
+
+        Every event of an HBONE hop follows a known one: the CONNECT (a new stream's HEADERS) follows the client's
+        SYN, the 200 follows the server connection's SYN-ACK, DATA follows the first bytes of the plain leg on the
+        same side (the client's only after the 200), END_STREAM follows the leg's FIN. Client-to-server events
+        run down the chain (client, HBONE, waypoint's HBONE), server-to-client ones up it. For each HBONE
+        connection, the flows' anchors are taken in time order and each gets the first unused record of the right
+        kind after it (first in, first out, as a proxy forwards), preferring a DATA record whose estimated payload
+        equals the leg's first segment. Times are those of the record's last byte, as decryption would give."""
+        self._kl: dict[tuple[int, int], dict[str, tuple]] = {}
+        chains = [(i, f, [x for x in (f.tunnel, f.tunnel2) if x is not None]) for i, f in enumerate(flows)
+                  if f.match == "inferred" and f.tunnel is not None]
+        if not chains:
+            return
+        used: dict[tuple[int, int], set[int]] = defaultdict(set)
+        kinds = {("open", 0): {"headers", "data", "control"}, ("open", 1): {"response", "data", "control"},
+                 ("data", 0): {"data", "headers"}, ("data", 1): {"data", "response"},
+                 ("end", 0): {"end_stream", "control"}, ("end", 1): {"end_stream", "control"}}
+        # a CONNECT leaves as soon as the client is accepted: the first client record after the SYN is taken as is
+        # (the FIFO labels of concurrent streams can swap a HEADERS and a DATA); the other events prefer the label
+        preferred = {("open", 0): "any", ("open", 1): "response", ("data", 0): "data", ("data", 1): "data",
+                     ("end", 0): "end_stream", ("end", 1): "end_stream"}
+        steps = (("connect", 0, "syn", "open"), ("connect_response", 1, "syn_ack", "open"),
+                 ("first_request_byte", 0, "data_c2s", "data"), ("first_response_byte", 1, "data_s2c", "data"),
+                 ("end_c2s", 0, "fin_c2s", "end"), ("end_s2c", 1, "fin_s2c", "end"))
+        depth = max(len(c) for _, _, c in chains)
+        for ev, d, leg_col, cls in steps:
+            for level in (range(depth) if d == 0 else range(depth - 1, -1, -1)):
+                per_tunnel: dict[int, list] = defaultdict(list)
+                for i, f, chain in chains:
+                    if level >= len(chain):
+                        continue
+                    t = chain[level]
+                    if d == 0:
+                        prev = self._kl.get((i, level - 1), {}).get(ev) if level > 0 else None
+                        anchor = prev[3] if prev else (self.leg_time(f.app, leg_col) if level == 0 else None)
+                        if ev == "first_request_byte":
+                            resp = self._kl.get((i, level), {}).get("connect_response")
+                            if anchor is not None and resp is not None:
+                                anchor = max(anchor, resp[3])
+                        size = self._first_chunk(f.app, 0)
+                    else:
+                        nxt = self._kl.get((i, level + 1), {}).get(ev) if level + 1 < len(chain) else None
+                        anchor = nxt[3] if nxt else (self.leg_time(f.delivery, leg_col) if level == len(chain) - 1
+                                                     and f.delivery is not None else None)
+                        size = self._first_chunk(f.delivery, 1)
+                    if anchor is not None:
+                        per_tunnel[t].append((anchor, i, size))
+                for t, anchors in per_tunnel.items():
+                    cl_list, sv_list = self._end_lists(t, [], [])
+                    zc = self._proxy_capture(self.lcd[t]["client_ip"], t)
+                    prefer = ([zc] if zc else []) + cl_list if d == 0 else sv_list
+                    recs = self._tunnel_records(t, d, prefer)
+                    if not recs:
+                        continue
+                    times = [x[0] for x in recs]
+                    ok = kinds[(cls, d)]
+                    chosen = []
+                    for anchor, i, size in sorted(anchors):
+                        j0 = bisect.bisect_left(times, anchor - KEYLESS_TOL)
+                        # the first fitting record; within SIZE_WINDOW of it, one of the labelled kind (and for
+                        # DATA, of the leg's first segment size) is preferred
+                        pick = best = None
+                        for j in range(j0, len(recs)):
+                            r = recs[j][3]
+                            if r.index in used[(t, d)] or r.kind not in ok:
+                                continue
+                            if pick is None:
+                                pick = j
+                            elif recs[j][0] > recs[pick][0] + SIZE_WINDOW:
+                                break
+                            fits = preferred[(cls, d)] in ("any", r.kind) and (
+                                cls != "data" or not size or r.payload == size or data_payload(r.h2_bytes) == size)
+                            if fits:
+                                best = j
+                                break
+                        pick = best if best is not None else pick
+                        if pick is None:
+                            continue
+                        used[(t, d)].add(recs[pick][3].index)
+                        corr_ts, cap, raw, r = recs[pick]
+                        self._kl.setdefault((i, level), {})[ev] = (d, cap, raw, corr_ts, r, False)
+                        chosen.append((anchor, i, level, r))
+                    # two anchors closer than the timing can tell, given records of one size: either could be
+                    # either; the events are kept (their times differ little) and said to be ambiguous
+                    for (a1, i1, l1, r1), (a2, i2, l2, r2) in zip(chosen, chosen[1:]):
+                        if a2 - a1 < AMBIGUOUS_NS and r1.h2_bytes == r2.h2_bytes:
+                            for i, lv in ((i1, l1), (i2, l2)):
+                                e = self._kl[(i, lv)][ev]
+                                self._kl[(i, lv)][ev] = e[:5] + (True,)
+        # the stream's end: the later END_STREAM of the two directions (as a decrypted stream's end_ts)
+        for key, evs in self._kl.items():
+            a, b = evs.pop("end_c2s", None), evs.pop("end_s2c", None)
+            if a is not None and b is not None:
+                evs["fin" if a[3] >= b[3] else "fin_s2c"] = a if a[3] >= b[3] else b
+
     def _keyless_hop(self, f: _Flow, idx: int, t: int, first: bool = True, last: bool = True) -> dict:
         """The HBONE hop of a flow tied without keys. Its events are the TCP segments of the HBONE connection
         that first follow the matching events of the plain legs: connect (first client-to-server data after the
@@ -911,6 +1055,34 @@ class _Correlator:
             self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}
         pk = self._tcp_by_lconn.get(t)
         events = []
+        level = 0 if first else 1
+        fi = getattr(self, "_flow_pos", {}).get(id(f))
+        recorded = self._kl.get((fi, level)) if fi is not None and getattr(self, "_kl", None) else None
+        if recorded and pk is not None and cl_list and sv_list:
+            key = ["dir", "seq", "ack", "tsval", "fl"]
+            order = ("connect", "connect_response", "first_request_byte", "first_response_byte", "fin", "fin_s2c")
+            for ev in sorted(recorded, key=order.index):
+                d, cap, raw, _, rec, ambiguous = recorded[ev]
+                hit = pk[(pk["cap"] == self.cap_index[cap]) & (pk["dir"] == d) & (pk["ts"] == raw)
+                         & (pk["plen"] > 0)]
+                if hit.empty:
+                    times = {cap: int(raw)}
+                else:
+                    same = pk[(pk[key] == hit.iloc[0][key]).all(axis=1)].sort_values("ts", kind="stable")
+                    same = same.drop_duplicates("cap")
+                    times = {self.caps[int(c)]: int(ts) for c, ts in zip(same["cap"], same["ts"])}
+                row = self._event_row(ev, d, times, cl_list, sv_list)
+                if row:
+                    row["inferred"] = True
+                    events.append(row)
+                    if ambiguous:
+                        f.reasons.append(f"{ev} on {lc['client']} > {lc['server']}: another stream's record "
+                                         f"of the same size within {AMBIGUOUS_NS / MS:g} ms (time ambiguous)")
+            return {"hop": f"{clabel} -> {slabel}", "hop_index": idx, "kind": "hbone",
+                    "connection": f"{lc['client']} > {lc['server']}", "tunnel_ids": None, "stream_id": None,
+                    "events": events, "lconn": t, "server_label": slabel,
+                    "server_capture": sv_list[0] if sv_list else None,
+                    "client_capture": cl_list[0] if cl_list else None}
         # a new HBONE connection opened for this client starts with the TLS handshake: its first segments are
         # not the CONNECT, so connect is left unknown then; app bytes are tunnelled only after the 200
         new_tunnel = (self.leg_time(t, "first_c2s") or 0) >= (self.leg_time(f.app, "syn") or 0) - TOL
@@ -939,6 +1111,7 @@ class _Correlator:
                 times = {self.caps[int(c)]: int(ts) for c, ts in zip(same["cap"], same["ts"])}
                 row = self._event_row(ev, d, times, cl_list, sv_list)
                 if row:
+                    row["inferred"] = True
                     events.append(row)
                     if ev == "connect_response" and row.get("dst_ts") is not None:
                         response_at_client = row["dst_ts"]
@@ -962,7 +1135,7 @@ class _Correlator:
         row = {"event": ev, "direction": "c2s" if direction == 0 else "s2c", "src_capture": src,
                "src_ts_raw": times[src], "src_ts": self.corr(src, times[src]), "dst_capture": dst,
                "dst_ts_raw": times[dst] if dst else None, "dst_ts": self.corr(dst, times[dst]) if dst else None,
-               "captures": len(times)}
+               "captures": len(times), "inferred": False}
         row["latency_ms"] = (row["dst_ts"] - row["src_ts"]) / MS if dst else np.nan
         return row
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 TS = "datetime64[ns, UTC]"
+K8S_NAME = ("what {} was at the time (--k8s): namespace/pod[:port], node/NAME, service.namespace:port for a "
+            "Service address, 'a | b' when ambiguous")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
                            "waypoint, loopback, unknown"),
         ("node", "string", "node the capture point belongs to, when known"),
         ("role_reason", "string", "why the role and node were chosen"),
+        ("pod", "string", "namespace/pod the capture was taken in, placed from Kubernetes addresses (--k8s)"),
     ),
     "packets": _cols(
         ("capture", "category", "capture name"),
@@ -115,6 +118,10 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("retransmissions", "int64", "data segments that did not advance their direction's highest sequence"),
         ("state", "string", "complete, reset, refused, open, syn-only, midstream"),
         ("handshake_rtt_ms", "float64", "SYN to ACK of SYN-ACK as seen at this capture"),
+        ("client_name", "string", K8S_NAME.format("client")),
+        ("server_name", "string", K8S_NAME.format("server")),
+        ("client_node", "string", "node of the client address (--k8s)"),
+        ("server_node", "string", "node of the server address (--k8s)"),
     ),
     "anomalies": _cols(
         ("capture", "string", "capture name (or key log name)"),
@@ -150,6 +157,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("parent_stream_id", "Int64", "for a nested tunnel: that CONNECT stream's id"),
         ("records", "Int64", "TLS records seen (the record timeline is available without keys)"),
         ("client_random", "string", "ClientHello random (hex): the key of key log lines (not a secret)"),
+        ("client_name", "string", K8S_NAME.format("client")),
+        ("server_name", "string", K8S_NAME.format("server")),
+        ("client_expected_spiffe", "string", "SPIFFE id the client's pod should present (--k8s; empty for a "
+                                             "ztunnel, which presents the identity of the workload it carries)"),
+        ("server_expected_spiffe", "string", "SPIFFE id the server's pod should present (--k8s)"),
+        ("identity_check", "string", "ok or mismatch: certificate identities against the pods' service accounts"),
     ),
     "streams": _cols(
         ("capture", "string", "capture name"),
@@ -177,6 +190,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("proxy_src", "string", "source ip:port of a PROXY v2 header at the start of the tunnelled bytes"),
         ("proxy_dst", "string", "destination ip:port of that PROXY v2 header"),
         ("peer_identity", "string", "PROXY v2 TLV 0xD0: the source SPIFFE id Istio passes to the waypoint"),
+        ("original_dst_name", "string", K8S_NAME.format("original_dst")),
     ),
     "requests": _cols(
         ("capture", "string", "capture name"),
@@ -191,6 +205,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("response_ts", TS, "first byte of the response"),
         ("client", "string", "ip:port of the client of the TCP connection carrying the request (outermost)"),
         ("server", "string", "ip:port of the server of that TCP connection"),
+        ("client_name", "string", K8S_NAME.format("client")),
+        ("server_name", "string", K8S_NAME.format("server")),
     ),
     "flows": _cols(
         ("flow_id", "Int64", "logical connection number"),
@@ -217,6 +233,13 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("confidence", "float64", "0-1"),
         ("match_reason", "string", "how the client connection was tied: forwarded (for= header), content "
                                    "(tunnelled request and sizes), timing"),
+        ("client_name", "string", K8S_NAME.format("client")),
+        ("original_dst_name", "string", K8S_NAME.format("original_dst") + ", e.g. productpage.default:9080"),
+        ("dst_pod_name", "string", K8S_NAME.format("dst_pod")),
+        ("client_node", "string", "node of the client pod (--k8s)"),
+        ("dst_node", "string", "node of the destination pod (--k8s)"),
+        ("client_identity", "string", "SPIFFE id the client pod should present (--k8s)"),
+        ("dst_identity", "string", "SPIFFE id the destination pod should present (--k8s)"),
     ),
     "hops": _cols(
         ("flow_id", "Int64", "flows.flow_id"),
@@ -238,6 +261,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("latency_ms", "float64", "dst_ts - src_ts: time the event took across the hop"),
         ("since_start_ms", "float64", "src_ts relative to the flow's start"),
         ("captures", "Int64", "captures that saw this event"),
+        ("connection_names", "string", "the connection with Kubernetes names for its ends (--k8s)"),
         ("inferred", "boolean", "the event's time was inferred without keys from the TLS record that most likely "
                                 "carried it (keyless HBONE); false for observed events"),
     ),

@@ -337,7 +337,7 @@ def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
 def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[str, str] | None = None,
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, scheduler=None, engine: str = "pandas",
             on_error: str = "raise", streams: bool = True, correlate: bool = True,
-            progress: Callable[[str, int, int], None] | None = None) -> Analysis:
+            progress: Callable[[str, int, int], None] | None = None, k8s=None) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
@@ -351,6 +351,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     on_error: "raise" (a file that is not a capture raises CaptureError) or "report" (it becomes an anomaly row and
     the others are analysed). streams: run TCP reassembly, TLS, HTTP/2 and HBONE (False: packets and
     connections only). correlate: tie connections across captures into flows, hops, clock offsets and latency.
+    k8s: kubectl/istioctl JSON (a file, a folder, a list of them, or a `hbonecap.k8s.Inventory`): captures without
+    an explicit point are placed from their addresses, and tables gain names next to addresses (see hbonecap.k8s).
     """
     from hbonecap.capture.points import parse_point
 
@@ -359,6 +361,9 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     if engine == "dask" and scheduler is None:
         raise HbonecapError("engine='dask' needs a scheduler (a Dask scheduler address or Client)")
     files = expand_paths(paths)
+    from hbonecap.k8s import as_inventory
+
+    inventory = as_inventory(k8s)
     if not files:
         raise HbonecapError("no capture files given")
     kl = None
@@ -410,6 +415,11 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     for res, err in outcomes:
         _collect(res, err, results, errors, on_error)
     a = _assemble(results, errors + keylog_anomalies)
+    if inventory is not None:
+        from hbonecap.k8s import address_groups, place_captures
+
+        a.captures, placed = place_captures(a.captures, address_groups(a.packets, a.connections), inventory)
+        a.anomalies = tables.concat("anomalies", [a.anomalies, anomalies_frame(inventory.anomalies + placed)])
     if remote_packets is not None:
         # the packets stay on the cluster: correlation's per-packet work and joins run there (analysis/cluster.py)
         a.packets = remote_packets
@@ -425,6 +435,10 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         from hbonecap.analysis.keyless import records_table
 
         a.tunnel_records = records_table(a)
+    if inventory is not None:
+        from hbonecap.k8s import enrich
+
+        a.anomalies = tables.concat("anomalies", [a.anomalies, anomalies_frame(enrich(a, inventory))])
     return a
 
 

@@ -57,7 +57,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
                   quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas",
-                  manifest: Optional[Path] = None):
+                  manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -77,7 +77,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
     try:
         if quiet or not sys.stderr.isatty():
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
-                                    scheduler=scheduler, engine=engine)
+                                    scheduler=scheduler, engine=engine, k8s=k8s or None)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -87,7 +87,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
                 prog.update(task, total=total, completed=done, description=f"read {Path(path).name}")
 
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
-                                    scheduler=scheduler, engine=engine, progress=step)
+                                    scheduler=scheduler, engine=engine, progress=step, k8s=k8s or None)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -126,15 +126,18 @@ def _emit(df, fmt: OutFormat, output: Optional[Path], limit: int, title: str, co
 DISPLAY_COLUMNS = {
     "packets": ["index", "ts", "interface", "encap", "outer_src", "outer_dst", "src", "sport", "dst", "dport", "proto",
                 "tcp_flags", "payload_len"],
-    "connections": ["capture", "conn_id", "encap", "client", "server", "first_ts", "packets_c2s", "packets_s2c",
+    "connections": ["capture", "conn_id", "encap", "client", "client_name", "server", "server_name", "first_ts", "packets_c2s", "packets_s2c",
                     "bytes_c2s", "bytes_s2c", "retransmissions", "state", "handshake_rtt_ms"],
     "anomalies": ["capture", "index", "layer", "kind", "detail"],
     "clock": ["capture", "node", "offset_ms", "uncertainty_ms", "method"],
-    "flows": ["flow_id", "client", "original_dst", "dst_pod", "start", "outcome", "match", "confidence", "last_seen",
+    "flows": ["flow_id", "client", "client_name", "original_dst", "original_dst_name", "dst_pod", "dst_pod_name", "start", "outcome", "match", "confidence", "last_seen",
               "bytes_c2s", "bytes_s2c"],
-    "tunnels": ["capture", "tunnel_id", "client", "server", "tls_version", "decrypted", "why_not", "client_spiffe",
-                "server_spiffe", "streams"],
+    "tunnels": ["capture", "tunnel_id", "client", "client_name", "server", "server_name", "tls_version", "decrypted",
+                "why_not", "client_spiffe", "server_spiffe", "identity_check", "streams"],
 }
+K8S_COLUMNS = {"client_name", "server_name", "original_dst_name", "dst_pod_name", "identity_check", "pod"}
+K8S_HELP = ("kubectl get pods/svc/nodes/endpointslices -o json, or istioctl ztunnel-config workloads/services "
+            "-o json: a file or a folder of them (repeat). Adds names next to addresses.")
 TCP_FLAG_LETTERS = "FSRPAUEC"
 
 
@@ -153,6 +156,9 @@ def print_table(df, title: str, limit: int = 50, columns: list[str] | None = Non
 
     if columns:
         df = df[[c for c in columns if c in df.columns]]
+        # Kubernetes name columns only when a --k8s inventory filled them
+        empty = [c for c in df.columns if c in K8S_COLUMNS and not df[c].notna().any()]
+        df = df.drop(columns=empty)
     if "tcp_flags" in df.columns:
         df = df.assign(tcp_flags=df["tcp_flags"].map(tcp_flags_text))
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -192,10 +198,11 @@ def decode(
                                           help="Comma-separated columns, or 'all' (the terminal shows a summary set)."),
     keylog: Optional[Path] = typer.Option(None, "--keylog", "-k", help="NSS key log, for the tunnels/streams tables."),
     jobs: Optional[int] = typer.Option(1, "--jobs", "-j", help="Processes (one capture each)."),
+    k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
 ) -> None:
     """Decode captures (through Geneve and VXLAN) into the packets, connections or anomalies table."""
     needs_streams = table in (TableName.tunnels, TableName.streams, TableName.requests)
-    a = _run_analysis(files, keylog, None, jobs, quiet=fmt is not OutFormat.table, streams=needs_streams)
+    a = _run_analysis(files, keylog, None, jobs, quiet=fmt is not OutFormat.table, streams=needs_streams, k8s=k8s)
     _emit(a.table(table.value), fmt, output, limit, table.value, columns)
 
 
@@ -212,12 +219,16 @@ def correlate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler, e.g. tcp://host:8786 "
                                             "(needs pip install 'hbonecap[dask]')."),
     engine: str = typer.Option("pandas", "--engine", help="pandas, or dask: keep the packets table on the cluster."),
+    k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
 ) -> None:
     """Analyse a capture set: capture points, clock offsets, flows, latency per hop, HBONE tunnels, anomalies."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest)
-    cap = a.captures[["capture", "format", "role", "node", "packets", "first_ts", "last_ts", "anomalies", "role_reason"]]
+    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest, k8s=k8s)
+    cap = a.captures[["capture", "format", "role", "node", "pod", "packets", "first_ts", "last_ts", "anomalies",
+                      "role_reason"]]
+    if not cap["pod"].notna().any():
+        cap = cap.drop(columns=["pod"])
     if len(a.captures) and a.captures["path"].str.contains(";", regex=False).any():
         cap = cap.assign(files=a.captures["path"].str.count(";") + 1)
     print_table(cap, "captures and roles")
@@ -258,11 +269,12 @@ def report(
     point: Optional[List[str]] = typer.Option(None, "--point", "-p", help="FILE=ROLE[@NODE] capture-point override."),
     title: str = typer.Option("hbonecap postmortem report", "--title", help="Report title."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
+    k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
 ) -> None:
     """Write the postmortem report: one self-contained HTML file."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs)
+    a = _run_analysis(files, keylog, point, jobs, k8s=k8s)
     from hbonecap.report import write_report
 
     write_report(a, output, title)

@@ -6,6 +6,9 @@
   (SYN, CONNECT, 200, first bytes, FIN) from the time it left one end of a hop to the time it reached the other,
   with the hop latency written on it;
 * `plot_timeline`: latency over time per hop, to see when it went bad.
+
+With Kubernetes names (`analyze(k8s=...)`), flow titles read pod and Service names and the lanes of the journey
+carry the pod of their end under the capture-point label.
 """
 from __future__ import annotations
 
@@ -89,6 +92,39 @@ def _lanes(flow_hops: pd.DataFrame) -> list[str]:
     return lanes
 
 
+def _short(name) -> str | None:
+    """'default/sleep-7d9:37162' -> 'default/sleep-7d9' (a lane is a process, not a port)."""
+    if not isinstance(name, str) or not name:
+        return None
+    head, sep, tail = name.rpartition(":")
+    return head if sep and tail.isdigit() else name
+
+
+def _name_or(row, name_col: str, addr_col: str) -> str:
+    v = row.get(name_col) if hasattr(row, "get") else None
+    return str(v) if isinstance(v, str) and v else str(row[addr_col])
+
+
+def lane_names(a, flow, lanes: list[str]) -> dict[str, str]:
+    """Kubernetes names for a flow's lanes: the client's pod on the first lane, the destination pod on the last,
+    and the pod placed on the captures named after a lane (captures.pod)."""
+    out: dict[str, str] = {}
+    caps = a.captures if "pod" in a.captures.columns else None
+    for lane in lanes:
+        if caps is not None and len(caps):
+            m = caps[caps["capture"].astype(str).str.startswith(lane + "-") & caps["pod"].notna()]
+            if len(m["pod"].unique()) == 1:
+                out[lane] = str(m["pod"].iloc[0])
+    if lanes:
+        first = _short(flow.get("client_name"))
+        if first:
+            out[lanes[0]] = first
+        last = _short(flow.get("dst_pod_name"))
+        if last and len(lanes) > 1:
+            out[lanes[-1]] = last
+    return out
+
+
 def plot_flow(a, flow_id: int, ax=None):
     """Sequence diagram of one flow across its capture points."""
     fig, ax = _figure(ax, (11, 6))
@@ -97,7 +133,8 @@ def plot_flow(a, flow_id: int, ax=None):
     if not len(flow):
         raise KeyError(f"no flow {flow_id}")
     f = flow.iloc[0]
-    title = f"flow {flow_id}: {f['client']} -> {f['original_dst']} ({f['outcome']}, {f['match']})"
+    title = (f"flow {flow_id}: {_name_or(f, 'client_name', 'client')} -> "
+             f"{_name_or(f, 'original_dst_name', 'original_dst')} ({f['outcome']}, {f['match']})")
     ev = fh.dropna(subset=["src_ts", "dst_ts"])
     if not len(ev):
         _empty(ax, title + "\nno event seen at both ends of a hop")
@@ -120,7 +157,9 @@ def plot_flow(a, flow_id: int, ax=None):
                 bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
         since = (r.src_ts - t0).total_seconds() * 1000
         ax.text(len(lanes) - 0.45, row, f"+{since:.3f} ms", fontsize=7, va="center", color="0.3")
-    ax.set_xticks(range(len(lanes)), lanes)
+    names = lane_names(a, f, lanes)
+    ax.set_xticks(range(len(lanes)), [f"{lane}\n{names[lane]}" if lane in names else lane for lane in lanes],
+                  fontsize=8)
     ax.xaxis.tick_top()
     ax.set_ylim(len(ev), -1)
     ax.set_yticks([])

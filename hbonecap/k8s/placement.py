@@ -137,6 +137,19 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
                 changed = True
         if changed:
             caps.at[i, "role_reason"] = why if role == "unknown" else f"{reason}; {why}"
+    # a ztunnel / waypoint capture on a known node: the one such pod of that node
+    proxies: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for owners in inv.owners.values():
+        for o in owners:
+            if o.kind == "pod" and o.role and o.node:
+                proxies[(o.role, o.node)].add(o.display)
+    for i, r in caps.iterrows():
+        role, node = str(r["role"]), r["node"] if isinstance(r["node"], str) else None
+        found = proxies.get((role, node or ""), set())
+        if role in ("ztunnel", "waypoint") and pd.isna(r["pod"]) and len(found) == 1 and \
+                str(r["role_reason"]) not in EXPLICIT:
+            caps.at[i, "pod"] = next(iter(found))
+            caps.at[i, "role_reason"] = f"{r['role_reason']}; k8s: the {role} pod of {node}"
     # other captures named after a host that was placed: the same node
     mapping = {old: c.most_common(1)[0][0] for old, c in renamed.items() if len(c) == 1}
     for i, r in caps.iterrows():

@@ -5,8 +5,11 @@ Order: what was analysed (captures, roles, nodes, time ranges, clock offsets wit
 and why, retransmissions and gaps); latency per hop (table and plots); the slowest and the failed flows with
 their journey plots; the flows; the anomalies.
 
-Safety: every value that comes from a capture is HTML-escaped (tables through pandas' escaping, text through
-`html.escape`); plots are embedded as PNG data, never as markup; a Content-Security-Policy allows only the
+With a Kubernetes inventory (`--k8s`), addresses are shown as names (pod, service, node) with the address in the
+cell's title (hover), and identity mismatches and ambiguous addresses are findings.
+
+Safety: every value that comes from a capture or a Kubernetes file is HTML-escaped (tables through pandas'
+escaping or `html.escape`, title attributes quoted and escaped); plots are embedded as PNG data, never as markup; a Content-Security-Policy allows only the
 report's own script (by hash), inline styles and data: images, so even a missed escape could not run a
 capture's script or fetch anything. Key log contents never appear.
 """
@@ -61,9 +64,27 @@ MAX_TABLE_ROWS = 2000
 MAX_FLOW_PLOTS = 6
 
 
+# address column -> the Kubernetes name column beside it (filled by --k8s / analyze(k8s=...))
+NAMED = {"client": "client_name", "server": "server_name", "original_dst": "original_dst_name",
+         "dst_pod": "dst_pod_name", "connection": "connection_names"}
+K8S_ONLY = ("pod", "client_node", "dst_node", "server_expected_spiffe", "identity_check")
+
+
+def _named_cell(name, addr) -> str:
+    """A name with its address on hover, or the address alone; both escaped."""
+    if _e(name):
+        return f'<span title="{_e(addr)}">{_e(name)}</span>'
+    return _e(addr)
+
+
 def _table(df: pd.DataFrame, columns: list[str] | None = None, limit: int = MAX_TABLE_ROWS) -> str:
     if columns:
         df = df[[c for c in columns if c in df.columns]]
+    df = df.drop(columns=[c for c in K8S_ONLY if c in df.columns and not df[c].notna().any()])
+    named = {a: n for a, n in NAMED.items() if a in df.columns and n in df.columns and df[n].notna().any()}
+    if named and len(df):
+        return _html_table(df.drop(columns=list(named.values())), df, named, limit)
+    df = df.drop(columns=[c for c in NAMED.values() if c in df.columns])
     df = df.drop(columns=[c for c in ("headers", "response_headers") if c in df.columns])
     note = ""
     if len(df) > limit:
@@ -79,6 +100,28 @@ def _table(df: pd.DataFrame, columns: list[str] | None = None, limit: int = MAX_
                                                    border=0) + "</div>"
 
 
+def _html_table(shown: pd.DataFrame, full: pd.DataFrame, named: dict[str, str], limit: int) -> str:
+    """Like `_table`, with names in the address columns and the address as the cell's title (hover)."""
+    shown = shown.drop(columns=[c for c in ("headers", "response_headers") if c in shown.columns])
+    note = f"<p class=meta>first {limit} of {len(shown)} rows</p>" if len(shown) > limit else ""
+    shown, full = shown.head(limit), full.head(limit)
+    head = "".join(f"<th>{_e(c)}{' (name)' if c in named else ''}</th>" for c in shown.columns)
+    rows = []
+    for i in range(len(shown)):
+        cells = []
+        for c in shown.columns:
+            v = shown[c].iloc[i]
+            if c in named:
+                cells.append(f"<td>{_named_cell(full[named[c]].iloc[i], v)}</td>")
+            elif isinstance(v, float):
+                cells.append(f"<td>{'' if pd.isna(v) else f'{v:.3f}'}</td>")
+            else:
+                cells.append(f"<td>{_e(v)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (note + "<div class=scroll><table class=sortable><thead><tr>" + head + "</tr></thead><tbody>"
+            + "\n".join(rows) + "</tbody></table></div>")
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -88,6 +131,11 @@ def _png(fig) -> str:
 
 def _e(v) -> str:
     return html.escape("" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v), quote=True)
+
+
+def _who(row, addr: str) -> str:
+    """A row's address as its Kubernetes name (address on hover) when known."""
+    return _named_cell(getattr(row, NAMED[addr], None), getattr(row, addr, None))
 
 
 def findings(a) -> list[tuple[str, bool]]:
@@ -104,7 +152,7 @@ def findings(a) -> list[tuple[str, bool]]:
         for outcome in ("refused", "reset", "timeout"):
             bad = f[f["outcome"] == outcome]
             if len(bad):
-                who = ", ".join(f"{_e(r.client)} &rarr; {_e(r.original_dst)}" for r in bad.head(8).itertuples())
+                who = ", ".join(f"{_who(r, 'client')} &rarr; {_who(r, 'original_dst')}" for r in bad.head(8).itertuples())
                 out.append((f"{len(bad)} flow(s) {outcome}: {who}", True))
         lost = f[f["outcome"] == "incomplete"]
         if len(lost):
@@ -125,6 +173,18 @@ def findings(a) -> list[tuple[str, bool]]:
                         for r in top.itertuples())
         out.append((f"Slowest hops: {txt}", False))
     t = a.tunnels
+    if len(t) and "identity_check" in t.columns:
+        bad = t[t["identity_check"] == "mismatch"]
+        if len(bad):
+            txt = "; ".join(f"{_who(r, 'server')}: presented {_e(r.server_spiffe)}, expected "
+                            f"{_e(r.server_expected_spiffe)}" for r in bad.head(5).itertuples())
+            out.append((f"{len(bad)} HBONE tunnel view(s) with a certificate identity that does not match the "
+                        f"pod's service account: {txt}", True))
+    if len(a.anomalies):
+        amb = a.anomalies[a.anomalies["kind"] == "k8s_ambiguous_address"]
+        if len(amb):
+            out.append((f"{len(amb)} address(es) had several owners in the Kubernetes snapshots and could not be "
+                        f"named: " + "; ".join(_e(d) for d in amb["detail"].head(5)), True))
     if len(t):
         nd = t[t["decrypted"] == False]  # noqa: E712
         if len(nd):
@@ -158,7 +218,7 @@ def build_report(a, title: str = "hbonecap postmortem report") -> str:
     if len(caps):
         span = f"{_e(caps['first_ts'].min())} &ndash; {_e(caps['last_ts'].max())}"
         parts.append(f"<p>{len(caps)} capture(s), {int(caps['packets'].sum())} packets, {span}.</p>")
-    parts.append(_table(caps, ["capture", "role", "node", "role_reason", "format", "link_types", "interfaces",
+    parts.append(_table(caps, ["capture", "role", "node", "pod", "role_reason", "format", "link_types", "interfaces",
                                "packets", "first_ts", "last_ts", "secrets", "anomalies"]))
     parts.append("<h3>Clock offsets</h3>")
     parts.append(_table(a.clock, ["capture", "node", "reference", "offset_ms", "uncertainty_ms", "method",
@@ -179,19 +239,22 @@ def build_report(a, title: str = "hbonecap postmortem report") -> str:
         slow = f.assign(_d=dur)[f["outcome"] == "ok"].sort_values("_d", ascending=False).head(MAX_FLOW_PLOTS // 2)
         for label, group in (("Failed", failed), ("Slowest", slow)):
             for r in group.itertuples():
-                parts.append(f"<h3>{label}: flow {_e(r.flow_id)} {_e(r.client)} &rarr; {_e(r.original_dst)} "
-                             f"({_e(r.outcome)})</h3>")
+                parts.append(f"<h3>{label}: flow {_e(r.flow_id)} {_who(r, 'client')} &rarr; "
+                             f"{_who(r, 'original_dst')} ({_e(r.outcome)})</h3>")
                 parts.append(_png(plots.plot_flow(a, int(r.flow_id))))
     else:
         parts.append("<p class=meta>no flows</p>")
     parts.append("<h2 id=flows>Flows</h2>")
-    parts.append(_table(f, ["flow_id", "client", "original_dst", "dst_pod", "path", "status", "trace_id", "start",
+    parts.append(_table(f, ["flow_id", "client", "client_name", "original_dst", "original_dst_name", "dst_pod",
+                            "dst_pod_name", "client_node", "dst_node", "path", "status", "trace_id", "start",
                             "end", "bytes_c2s", "bytes_s2c", "outcome", "last_seen", "match", "confidence",
                             "match_reason"]))
     parts.append("<h2 id=tunnels>HBONE tunnels and streams</h2>")
-    parts.append(_table(a.tunnels, ["capture", "tunnel_id", "client", "server", "tls_version", "cipher_suite", "alpn",
-                                    "decrypted", "why_not", "client_spiffe", "server_spiffe", "streams"]))
-    parts.append(_table(a.streams, ["capture", "tunnel_id", "stream_id", "authority", "original_dst", "forwarded_for",
+    parts.append(_table(a.tunnels, ["capture", "tunnel_id", "client", "client_name", "server", "server_name",
+                                    "tls_version", "cipher_suite", "alpn", "decrypted", "why_not", "client_spiffe",
+                                    "server_spiffe", "server_expected_spiffe", "identity_check", "streams"]))
+    parts.append(_table(a.streams, ["capture", "tunnel_id", "stream_id", "authority", "original_dst",
+                                    "original_dst_name", "forwarded_for",
                                     "trace_id", "baggage", "status", "request_ts", "response_ts", "end_reason",
                                     "bytes_c2s", "bytes_s2c", "inner"]))
     parts.append("<h2 id=anomalies>Anomalies</h2>")

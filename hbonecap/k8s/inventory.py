@@ -462,7 +462,8 @@ def _service(inv: Inventory, obj, where) -> None:
             _add_service_port(inv, ServicePort(_norm_ip(ip), p["port"], proto, name, ns, p.get("name") or None,
                                                None if target is None else str(target), waypoint, where))
         if isinstance(p.get("nodePort"), int):
-            sp = ServicePort("", p["nodePort"], proto, name, ns, p.get("name") or None, None, waypoint, where)
+            sp = ServicePort("", p["port"], proto, name, ns, p.get("name") or None,
+                             None if target is None else str(target), waypoint, where)
             lst = inv.node_ports.setdefault((p["nodePort"], proto), [])
             if not any((s.service, s.namespace) == (name, ns) for s in lst):
                 lst.append(sp)

@@ -504,16 +504,19 @@ class MeshSet:
     tunnel_payload: int        # TLS bytes of the HBONE connections as one capture carries them
 
 
-def _sizes(rng: random.Random) -> tuple[int, int]:
-    """(request body, response body): mostly GETs of 1 KB..2 MB (log-uniform), one in five a POST upload."""
-    resp = int(10 ** rng.uniform(3, 6.3))
+def _sizes(rng: random.Random, largest: int) -> tuple[int, int]:
+    """(request body, response body): mostly GETs of 1 KB..`largest` (log-uniform), one in five a POST upload."""
+    import math
+
+    resp = int(10 ** rng.uniform(3, math.log10(largest)))
     body = int(10 ** rng.uniform(3, 5.5)) if rng.random() < 0.2 else 0
     return body, resp
 
 
 def generate(directory: str | os.PathLike, mb: float = 300, seed: int = 1, streams_per_connection: int = 40,
-             concurrency: int = 4, offset_us: int = 1_300) -> MeshSet:
-    """Write the five captures, keylog.txt and mesh.json to `directory`; total capture size about `mb` MB."""
+             concurrency: int = 4, offset_us: int = 1_300, largest: int = 2_000_000) -> MeshSet:
+    """Write the five captures, keylog.txt, points.toml and mesh.json to `directory`; total capture size about `mb`
+    MB (at least one HBONE connection); responses up to `largest` bytes."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -539,7 +542,7 @@ def generate(directory: str | os.PathLike, mb: float = 300, seed: int = 1, strea
             start = t_open + 50 * US
             for i in range(n_streams):
                 nonlocal port
-                body, resp = _sizes(rng)
+                body, resp = _sizes(rng, largest)
                 port += 1
                 req = (f"POST /upload HTTP/1.1\r\nHost: echo\r\nContent-Length: {body}\r\n\r\n".encode() +
                        blob[:body]) if body else b"GET /bytes/%d HTTP/1.1\r\nHost: echo\r\nUser-Agent: curl/8.5\r\n" \

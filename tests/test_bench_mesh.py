@@ -1,0 +1,94 @@
+"""The full-analysis benchmark's capture set (benchmarks/mesh.py), small: tshark decrypts it with the generated key
+log and sees the CONNECT headers, and hbonecap's correlation ties every generated connection into one exact flow
+with its HBONE connection, stream id and trace id, with node B's clock offset recovered."""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hbonecap
+from hbonecap.analysis.correlation import correlate
+from hbonecap.capture.points import parse_manifest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import mesh  # noqa: E402
+
+
+@functools.lru_cache(maxsize=1)
+def _set(directory: str):
+    return mesh.generate(directory, mb=4, seed=7, streams_per_connection=6, offset_us=2_100,
+                         largest=200_000)
+
+
+@pytest.fixture(scope="module")
+def mesh_set(tmp_path_factory):
+    return _set(str(tmp_path_factory.mktemp("mesh")))
+
+
+def test_files_and_truth(mesh_set):
+    assert set(mesh_set.files) == set(mesh.CAPTURES)
+    truth = json.loads((mesh_set.directory / "mesh.json").read_text())
+    assert len(truth["connections"]) >= 6 and len(truth["hbone_connections"]) >= 2
+    assert mesh_set.keylog.read_text().count("CLIENT_TRAFFIC_SECRET_0") == len(truth["hbone_connections"])
+    # pooled: several streams per HBONE connection, odd client stream ids
+    assert all(len(h["streams"]) > 1 and all(s % 2 == 1 for s in h["streams"]) for h in truth["hbone_connections"])
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_tshark_decrypts_with_the_key_log(mesh_set):
+    truth = mesh_set.truth
+    out = subprocess.run(
+        ["tshark", "-n", "-o", f"tls.keylog_file:{mesh_set.keylog}", "-r", str(mesh_set.files["node-a-eth0"]),
+         "-Y", "http2.type == 1", "-T", "fields", "-E", "separator=|", "-e", "tcp.srcport", "-e", "http2.streamid",
+         "-e", "http2.header.name", "-e", "http2.header.value"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    connects = {}
+    statuses = 0
+    for line in out.splitlines():
+        sport, sids, names, values = line.split("|")
+        headers = dict(zip(names.split(","), values.split(",")))
+        if headers.get(":method") == "CONNECT":
+            connects[(int(sport), int(sids.split(",")[0]))] = headers
+        elif headers.get(":status") == "200":
+            statuses += 1
+    assert statuses == len(truth["connections"])
+    for c in truth["connections"]:
+        h = connects[(int(c["hbone_client"].rsplit(":", 1)[1]), c["stream_id"])]
+        assert h[":authority"] == c["backend"]
+        assert h["forwarded"] == f'for="{c["client"]}"'
+        assert c["trace_id"] in h["traceparent"]
+    # the tunnel and both plaintext legs carry the same bytes
+    plain = subprocess.run(["tshark", "-n", "-r", str(mesh_set.files["pod-b-eth0"]), "-Y", "http.response.code == 200",
+                            "-T", "fields", "-e", "tcp.srcport"], capture_output=True, text=True, timeout=120,
+                           check=True).stdout.split()
+    assert len(plain) == len(truth["connections"])
+
+
+def test_correlation_ties_every_flow_exactly(mesh_set):
+    d = mesh_set.directory
+    points = parse_manifest((d / "points.toml").read_text())
+    a = hbonecap.analyze(str(d), keylog=str(mesh_set.keylog), points={k: f"{p.role}@{p.node}" for k, p in points.items()})
+    r = correlate(a)
+    truth = mesh_set.truth
+    tunnels = a.table("tunnels")
+    assert len(tunnels) == 2 * len(truth["hbone_connections"]) and tunnels["decrypted"].all()
+    flows = r["flows"]
+    assert len(flows) == len(truth["connections"])
+    for c in truth["connections"]:
+        f = flows[flows["client"] == c["client"]]
+        assert len(f) == 1, c["client"]
+        f = f.iloc[0]
+        assert (f["original_dst"], f["dst_pod"], f["hbone_client"], f["hbone_server"], f["stream_id"], f["trace_id"],
+                f["match"], f["outcome"], f["hops"]) == \
+            (c["original_dst"], c["backend"], c["hbone_client"], c["hbone_server"], c["stream_id"], c["trace_id"],
+             "exact", "ok", 3), c["client"]
+        assert (f["bytes_c2s"], f["bytes_s2c"]) == (c["bytes_client_to_server"], c["bytes_server_to_client"])
+    clock = r["clock"].set_index("capture")["offset_ms"]
+    assert abs(clock["node-b-eth0.pcap"] - 2.1) < 0.01 and abs(clock["pod-b-eth0.pcap"] - 2.1) < 0.01
+    assert a.table("anomalies").empty

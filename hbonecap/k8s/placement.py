@@ -17,11 +17,18 @@ from collections import Counter, defaultdict
 
 import pandas as pd
 
+from hbonecap.capture.points import HOST_RE
 from hbonecap.k8s.inventory import Inventory
 
 SHARE = 0.9
 EXPLICIT = ("given", "manifest")
 POD_ROLES = ("pod", "loopback", "unknown")
+
+
+def host_of(capture: str) -> str | None:
+    """The host a capture file is named after: 'pod-a' for pod-a-eth0.pcap (None for other names)."""
+    m = HOST_RE.search(capture.lower())
+    return f"{m.group(1)}-{m.group(2)}" if m else None
 
 
 def address_groups(packets: pd.DataFrame | None, connections: pd.DataFrame | None) -> pd.DataFrame:
@@ -68,6 +75,7 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
         return cache[ip]
 
     decided: dict[str, tuple] = {}
+    candidates: dict[str, list] = {}
     for cap, g in groups.groupby("capture", sort=False):
         nodes, pods = Counter(), Counter()
         n_node = n_pod = 0
@@ -102,6 +110,7 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
         elif node is not None:
             why.append(f"k8s: node {node}'s addresses in {nn} of {n_node} packets")
         decided[cap] = (node, pod, pod_obj.get(pod), "; ".join(why))
+        candidates[cap] = [pod_obj[k] for k, n in pods.items() if n_pod and n >= SHARE * n_pod]
 
     known_nodes = set(inv.nodes)
     renamed: dict[str, Counter] = defaultdict(Counter)     # file-name node -> k8s nodes placed
@@ -137,6 +146,39 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
                 changed = True
         if changed:
             caps.at[i, "role_reason"] = why if role == "unknown" else f"{reason}; {why}"
+    # captures named after the same host as a placed pod capture (pod-a-eth0.pcap, pod-a-lo.pcap): the same pod
+    hosts: dict[str, set[str]] = defaultdict(set)
+    for i, r in caps.iterrows():
+        h = host_of(str(r["capture"]))
+        if h and isinstance(r["pod"], str) and str(r["role"]) in POD_ROLES:
+            hosts[h].add(r["pod"])
+    pod_nodes = {o.display: o.node for owners in inv.owners.values() for o in owners if o.kind == "pod"}
+    for i, r in caps.iterrows():
+        found = hosts.get(host_of(str(r["capture"])) or "", set())
+        if len(found) == 1 and pd.isna(r["pod"]) and str(r["role"]) in POD_ROLES and \
+                str(r["role_reason"]) not in EXPLICIT:
+            pod = next(iter(found))
+            caps.at[i, "pod"] = pod
+            why = f"k8s: {pod}, as the other captures of {host_of(str(r['capture']))}"
+            if pd.isna(r["node"]) and pod_nodes.get(pod):
+                caps.at[i, "node"] = pod_nodes[pod]
+            caps.at[i, "role_reason"] = f"{r['role_reason']}; {why}"
+    # two pods that talk only to each other are both in every packet of either pod's captures: the pod another
+    # host's captures already are is not this one (pod-b-eth0.pcap next to pod-a's, in-pod HBONE)
+    claimed = {pod: h for h, pods in hosts.items() if len(pods) == 1 for pod in pods}
+    for i, r in caps.iterrows():
+        cap, h = str(r["capture"]), host_of(str(r["capture"]))
+        if not h or not pd.isna(r["pod"]) or str(r["role"]) not in POD_ROLES or str(r["role_reason"]) in EXPLICIT:
+            continue
+        left = [o for o in candidates.get(cap, []) if claimed.get(o.display, h) == h]
+        if len(left) == 1 and len(candidates[cap]) > 1:
+            o = left[0]
+            caps.at[i, "pod"] = o.display
+            others = ", ".join(sorted(x.display for x in candidates[cap] if x is not o))
+            why = f"k8s: {o.display} in every packet ({others} is another capture's pod)"
+            if pd.isna(r["node"]) and o.node:
+                caps.at[i, "node"] = o.node
+            caps.at[i, "role_reason"] = f"{r['role_reason']}; {why}"
     # a ztunnel / waypoint capture on a known node: the one such pod of that node
     proxies: dict[tuple[str, str], set[str]] = defaultdict(set)
     for owners in inv.owners.values():

@@ -217,3 +217,22 @@ def test_cli_k8s_option(tmp_path):
     bad.write_text("NAME READY STATUS\n")
     r = runner.invoke(app, ["correlate", str(d), "--k8s", str(bad), "-j", "1"])
     assert r.exit_code == 2 and "not JSON" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_inpod_pod_captures_placed_on_their_nodes():
+    """In-pod HBONE goes pod A -> pod B: both pods are in every packet of pod-b's captures. The pod that pod-a's
+    captures already are is not pod-b's, so each capture gets its own pod and node (and its node's clock)."""
+    d = sample("inpod")
+    topo = topology("inpod")
+    a = hbonecap.analyze(d, keylog=d / "keylog.txt", k8s=LAB)
+    c = a.captures.set_index("capture")
+    for host in ("pod-a", "pod-b"):
+        pod = topo["pods"][host]
+        for cap in (f"{host}-eth0.pcap", f"{host}-lo.pcap"):
+            assert c.at[cap, "pod"] == pod_name(pod["ip"]), cap
+            assert c.at[cap, "node"] == pod["node"], cap
+    clock = a.clock.set_index("capture")
+    assert clock.at["pod-b-lo.pcap", "node"] == topo["pods"]["pod-b"]["node"]
+    assert (a.flows["client_name"].notna()).all() and (a.tunnels["identity_check"] == "ok").all()
+    # the HBONE client is the client pod itself here: its certificate is checked too
+    assert (a.tunnels["client_expected_spiffe"] == topo["pods"]["pod-a"]["identity"]).all()

@@ -17,7 +17,8 @@ def _both(data: bytes, final: bool):
         w = PcapWalker("x", 1 << 20)
         pos = w.start(data)
         p, batch = w.walk(data, pos, 0, final, reference=reference)
-        out.append((p, batch.data_off.tolist(), batch.caplen.tolist(), batch.ts_ns.tolist(), w.anomalies, w.finished))
+        out.append((p, batch.data_off.tolist(), batch.caplen.tolist(), batch.origlen.tolist(), batch.ts_ns.tolist(),
+                    w.anomalies, w.finished))
     return out
 
 

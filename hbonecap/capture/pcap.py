@@ -64,14 +64,15 @@ class PcapWalker:
         Python loop instead, which the tests use as the oracle for the compiled one."""
         end = len(buf)
         hdr = self._hdr
+        arr = np.frombuffer(buf, dtype=np.uint8)
         if reference:
             offs, p, too_large = self._offsets_reference(buf, pos)
+            heads = None
         else:
-            from hbonecap.capture.fastwalk import pcap_offsets
+            from hbonecap.capture.fastwalk import pcap_records
 
-            arr_offs, p, too_large = pcap_offsets(np.frombuffer(buf, dtype=np.uint8), pos, hdr, self._endian == ">",
-                                                  self.max_record)
-            offs = arr_offs
+            *heads, p, too_large = pcap_records(arr, pos, hdr, self._endian == ">", self.max_record, self._frac_ns)
+            offs = heads[0]
         if too_large:
             (incl,) = struct.unpack_from(self._endian + "I", buf, p + 8)
             self.anomalies.append((self.next_index + len(offs), "capture", "pcap_bad_record",
@@ -96,18 +97,21 @@ class PcapWalker:
         n = len(offs) + (1 if partial else 0)
         if n == 0:
             return p if not final else end, empty_batch(self.next_index, file_offset)
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        rec = np.asarray(offs, dtype=np.int64)
-        if partial:
-            rec = np.append(rec, partial[0])
-        heads = arr[rec[:, None] + np.arange(16)].view(np.dtype(self._endian + "u4")).reshape(n, 4).astype(np.int64)
-        caplen = heads[:, 2].copy()
-        if partial:
-            caplen[-1] = partial[1]
-            p = end
-        ts = heads[:, 0] * 1_000_000_000 + heads[:, 1] * self._frac_ns
+        if heads is None or partial:
+            # the reference gather of the header fields (also the path for a cut-short last record)
+            rec = np.asarray(offs, dtype=np.int64)
+            if partial:
+                rec = np.append(rec, partial[0])
+            h = arr[rec[:, None] + np.arange(16)].view(np.dtype(self._endian + "u4")).reshape(n, 4).astype(np.int64)
+            caplen, origlen = h[:, 2].copy(), h[:, 3]
+            ts = h[:, 0] * 1_000_000_000 + h[:, 1] * self._frac_ns
+            if partial:
+                caplen[-1] = partial[1]
+                p = end
+        else:
+            rec, caplen, origlen, ts = heads
         batch = RecordBatch(
-            buf=arr, data_off=rec + hdr, caplen=caplen, origlen=heads[:, 3], ts_ns=ts,
+            buf=arr, data_off=rec + hdr, caplen=caplen, origlen=origlen, ts_ns=ts,
             iface=np.zeros(n, dtype=np.int32), first_index=self.next_index, file_offset=file_offset,
         )
         self.next_index += n

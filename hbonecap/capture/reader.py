@@ -7,6 +7,7 @@ stays bounded whatever the file size. What is not a capture raises `CaptureError
 from __future__ import annotations
 
 import gzip
+import mmap
 import os
 import re
 import zlib
@@ -42,6 +43,10 @@ class CaptureInfo:
     def __repr__(self) -> str:  # never print secrets
         return (f"CaptureInfo(name={self.name!r}, format={self.format!r}, interfaces={len(self.interfaces)}, "
                 f"packets={self.packets}, secrets={len(self.secrets)})")
+
+
+class _NotMappable(Exception):
+    """The file cannot be memory-mapped (a pipe, a special file): read it instead."""
 
 
 KEY_LOG_LINE = re.compile(r"^\s*(CLIENT_RANDOM|RSA|CLIENT_EARLY_TRAFFIC_SECRET|CLIENT_HANDSHAKE_TRAFFIC_SECRET|"
@@ -95,7 +100,80 @@ class CaptureReader:
 
     def __iter__(self) -> Iterator[RecordBatch]:
         """Record batches in file order. A batch's buffer is reused two batches later: consume (or copy) what
-        you need from a batch before asking for the one after next."""
+        you need from a batch before asking for the one after next.
+
+        An uncompressed file is mapped (mmap) a window at a time instead of read: no copy of the packet bytes,
+        and only the current windows are resident; a compressed one is read into two alternating buffers."""
+        if not self.info.compressed and self.info.size > 0:
+            try:
+                yield from self._iter_mapped()
+                return
+            except _NotMappable:
+                pass
+        yield from self._iter_read()
+
+    def _iter_mapped(self) -> Iterator[RecordBatch]:
+        cfg = self.config
+        w = self.walker
+        info = self.info
+        window = cfg.chunk_bytes + cfg.max_record_bytes + 65536
+        grain = mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                mm = self._map(f, 0, min(window, size))
+            except (OSError, ValueError) as e:
+                raise _NotMappable() from e
+            view = memoryview(mm)
+            pos = w.start(view)
+            start = 0              # file offset of the window's first byte
+            length = len(mm)
+            try:
+                while True:
+                    final = start + length >= size
+                    new_pos, batch = w.walk(view, pos, start, final)
+                    info.interfaces = w.interfaces
+                    if len(batch):
+                        info.packets += len(batch)
+                        yield batch
+                    if w.finished:
+                        break
+                    if final:
+                        if new_pos == pos and not len(batch):
+                            break
+                        pos = new_pos
+                        continue
+                    # the next window starts at the granule holding the first unfinished byte; a walk that could
+                    # not advance (a record longer than the window) gets a larger window
+                    nxt = start + new_pos
+                    length = window if new_pos > pos or len(batch) else length * 2
+                    start = nxt - nxt % grain
+                    pos = nxt - start
+                    del view, batch
+                    mm = self._map(f, start, min(length, size - start))   # the old window unmaps when unused
+                    view = memoryview(mm)
+                    length = len(mm)
+            finally:
+                self._finish_info()
+
+    @staticmethod
+    def _map(f, offset: int, length: int):
+        mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset)
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        return mm
+
+    def _finish_info(self) -> None:
+        w = self.walker
+        info = self.info
+        info.format = w.format + ("+gzip" if info.compressed else "")
+        info.interfaces = w.interfaces
+        info.comments = list(getattr(w, "comments", []))
+        info.secrets = list(getattr(w, "secrets", []))
+        info.anomalies = list(w.anomalies)
+        info.sections = getattr(w, "sections", 1)
+
+    def _iter_read(self) -> Iterator[RecordBatch]:
         cfg = self.config
         w = self.walker
         info = self.info
@@ -141,12 +219,7 @@ class CaptureReader:
                     view = memoryview(buf)[:filled]
                     pos = 0
             finally:
-                info.format = w.format + ("+gzip" if info.compressed else "")
-                info.interfaces = w.interfaces
-                info.comments = list(getattr(w, "comments", []))
-                info.secrets = list(getattr(w, "secrets", []))
-                info.anomalies = list(w.anomalies)
-                info.sections = getattr(w, "sections", 1)
+                self._finish_info()
 
     def _fill(self, f, buf: bytearray, start: int, n: int) -> int:
         """Read up to n bytes into buf[start:]; returns how many were read (short only at end of file)."""

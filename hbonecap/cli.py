@@ -57,7 +57,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
                   quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas",
-                  manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None):
+                  manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None, embedded_keys: bool = True):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -77,7 +77,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
     try:
         if quiet or not sys.stderr.isatty():
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
-                                    scheduler=scheduler, engine=engine, k8s=k8s or None)
+                                    scheduler=scheduler, engine=engine, k8s=k8s or None, embedded_keys=embedded_keys)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -87,7 +87,8 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
                 prog.update(task, total=total, completed=done, description=f"read {Path(path).name}")
 
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
-                                    scheduler=scheduler, engine=engine, progress=step, k8s=k8s or None)
+                                    scheduler=scheduler, engine=engine, progress=step, k8s=k8s or None,
+                                    embedded_keys=embedded_keys)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -136,6 +137,8 @@ DISPLAY_COLUMNS = {
                 "why_not", "client_spiffe", "server_spiffe", "identity_check", "streams"],
 }
 K8S_COLUMNS = {"client_name", "server_name", "original_dst_name", "dst_pod_name", "identity_check", "pod"}
+IGNORE_KEYS_HELP = ("Do not use TLS secrets embedded in pcapng files (Decryption Secrets Blocks): analyse their "
+                    "HBONE without keys, as production captures are.")
 K8S_HELP = ("kubectl get pods/svc/nodes/endpointslices -o json, or istioctl ztunnel-config workloads/services "
             "-o json: a file or a folder of them (repeat). Adds names next to addresses.")
 TCP_FLAG_LETTERS = "FSRPAUEC"
@@ -192,7 +195,8 @@ def decode(
     files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
     table: TableName = typer.Option(TableName.packets, "--table", "-t", help="Which table to show."),
     fmt: OutFormat = typer.Option(OutFormat.table, "--format", "-f", help="table (terminal), csv or parquet."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Write to this file (parquet: or a directory, one file per capture)."),
     limit: int = typer.Option(50, "--limit", help="Rows shown with --format table."),
     columns: Optional[str] = typer.Option(None, "--columns", "-c",
                                           help="Comma-separated columns, or 'all' (the terminal shows a summary set)."),
@@ -201,9 +205,28 @@ def decode(
     k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
 ) -> None:
     """Decode captures (through Geneve and VXLAN) into the packets, connections or anomalies table."""
+    if table is TableName.packets and fmt is OutFormat.parquet and output is not None:
+        _stream_packets(files, output, jobs, columns)   # bounded memory, whatever the captures' size
+        return
     needs_streams = table in (TableName.tunnels, TableName.streams, TableName.requests)
     a = _run_analysis(files, keylog, None, jobs, quiet=fmt is not OutFormat.table, streams=needs_streams, k8s=k8s)
     _emit(a.table(table.value), fmt, output, limit, table.value, columns)
+
+
+def _stream_packets(files: List[str], output: Path, jobs: Optional[int], columns: Optional[str]) -> None:
+    from hbonecap import tables
+    from hbonecap.decode import write_packets
+    from hbonecap.errors import HbonecapError
+
+    wanted = [c.strip() for c in columns.split(",")] if columns and columns != "all" else None
+    unknown = [c for c in wanted or [] if c not in tables.columns("packets")]
+    if unknown:
+        _fail(f"--columns: no column {', '.join(unknown)} in packets")
+    try:
+        rows, _ = write_packets(files, output, jobs=jobs, columns=wanted)
+    except HbonecapError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {rows} rows to {output}", err=True)
 
 
 @app.command()
@@ -220,11 +243,13 @@ def correlate(
                                             "(needs pip install 'hbonecap[dask]')."),
     engine: str = typer.Option("pandas", "--engine", help="pandas, or dask: keep the packets table on the cluster."),
     k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
+    ignore_embedded_keys: bool = typer.Option(False, "--ignore-embedded-keys", help=IGNORE_KEYS_HELP),
 ) -> None:
     """Analyse a capture set: capture points, clock offsets, flows, latency per hop, HBONE tunnels, anomalies."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest, k8s=k8s)
+    a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest, k8s=k8s,
+                      embedded_keys=not ignore_embedded_keys)
     cap = a.captures[["capture", "format", "role", "node", "pod", "packets", "first_ts", "last_ts", "anomalies",
                       "role_reason"]]
     if not cap["pod"].notna().any():
@@ -270,11 +295,12 @@ def report(
     title: str = typer.Option("hbonecap postmortem report", "--title", help="Report title."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Processes (default: one per core)."),
     k8s: Optional[List[Path]] = typer.Option(None, "--k8s", help=K8S_HELP),
+    ignore_embedded_keys: bool = typer.Option(False, "--ignore-embedded-keys", help=IGNORE_KEYS_HELP),
 ) -> None:
     """Write the postmortem report: one self-contained HTML file."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs, k8s=k8s)
+    a = _run_analysis(files, keylog, point, jobs, k8s=k8s, embedded_keys=not ignore_embedded_keys)
     from hbonecap.report import write_report
 
     write_report(a, output, title)

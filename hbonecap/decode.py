@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -25,11 +26,13 @@ TUNNEL_NAMES = {K.TUN_GENEVE: "geneve", K.TUN_VXLAN: "vxlan"}
 
 
 class Interner:
-    """Maps row keys (bytes) to category codes that stay stable across batches."""
+    """Maps row keys to category codes that stay stable across batches. A key is a row of bytes (a (n, w) uint8
+    array) or an integer; both kinds can share one interner (a bytes key never equals an int key), and keys
+    that give the same string share a code."""
 
-    def __init__(self, to_str: Callable[[bytes], str | None]) -> None:
+    def __init__(self, to_str: Callable[[bytes | int], str | None]) -> None:
         self.to_str = to_str
-        self.by_key: dict[bytes, int] = {}
+        self.by_key: dict[bytes | int, int] = {}
         self.by_str: dict[str, int] = {}
         self.values: list[str] = []
 
@@ -41,10 +44,10 @@ class Interner:
         codes, first = _row_codes(keys)
         local = np.empty(len(first), dtype=np.int32)
         for j, pos in enumerate(first.tolist()):
-            kb = keys[pos].tobytes() if keys.ndim == 2 else int(keys[pos]).to_bytes(8, "little", signed=True)
+            kb = keys[pos].tobytes() if keys.ndim == 2 else int(keys[pos])
             c = self.by_key.get(kb)
             if c is None:
-                s = self.to_str(kb if keys.ndim == 2 else int(keys[pos]))
+                s = self.to_str(kb)
                 if s is None:
                     c = -1
                 else:
@@ -58,7 +61,7 @@ class Interner:
         return local[codes]
 
     def categorical(self, codes: np.ndarray) -> pd.Categorical:
-        return pd.Categorical.from_codes(codes, categories=pd.Index(self.values, dtype=object))
+        return pd.Categorical.from_codes(codes, categories=pd.Index(self.values, dtype=object), validate=False)
 
 
 def _row_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,13 +88,28 @@ def _row_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, first
 
 
-def _address(key: bytes) -> str | None:
+def _address(key: bytes | int) -> str | None:
+    if isinstance(key, int):        # IPv4 as (4 << 32) | address, see encode_addresses
+        return str(ipaddress.IPv4Address(key & 0xFFFFFFFF)) if key >> 32 == 4 else None
     v = key[0]
     if v == 4:
         return str(ipaddress.IPv4Address(key[1:5]))
     if v == 6:
         return str(ipaddress.IPv6Address(key[1:17]))
     return None
+
+
+def encode_addresses(interner: Interner, ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """Codes of an address column: IPv4 (and absent) addresses as one integer each, IPv6 as 17-byte rows."""
+    v6 = ver == 6
+    v4 = np.ascontiguousarray(addr[:, :4]).view(">u4").ravel().astype(np.int64)
+    key = np.where(ver == 4, (np.int64(4) << 32) | v4, 0)
+    if not v6.any():
+        return interner.encode(key)
+    codes = np.empty(len(ver), dtype=np.int32)
+    codes[~v6] = interner.encode(key[~v6])
+    codes[v6] = interner.encode(_addr_keys(ver[v6], addr[v6]))
+    return codes
 
 
 def _proto(code: int) -> str | None:
@@ -107,13 +125,35 @@ def _proto(code: int) -> str | None:
     return PROTO_NAMES[cls]
 
 
-def _encap(key: bytes) -> str:
-    a = np.frombuffer(key, dtype=np.int64)
-    depth = int(a[0])
-    parts = []
-    for d in range(depth):
-        parts.append(f"{TUNNEL_NAMES.get(int(a[1 + 2 * d]), '?')}:{int(a[2 + 2 * d])}")
-    return "/".join(parts)
+def _encap(key: bytes | int) -> str:
+    if isinstance(key, int):        # packed form of encode_encaps
+        depth = key & 0xF
+        levels = [((key >> 4) & 0xF, (key >> 8) & 0xFFFFFF), ((key >> 32) & 0xF, (key >> 36) & 0xFFFFFF)]
+    else:
+        a = np.frombuffer(key, dtype=np.int64)
+        depth = int(a[0])
+        levels = [(int(a[1 + 2 * d]), int(a[2 + 2 * d])) for d in range(depth)]
+    return "/".join(f"{TUNNEL_NAMES.get(t, '?')}:{v}" for t, v in levels[:depth])
+
+
+def encode_encaps(interner: Interner, depth: np.ndarray, tun_type: np.ndarray, tun_vni: np.ndarray) -> np.ndarray:
+    """Codes of the encap column. Up to two levels with 24-bit VNIs (every Geneve and VXLAN VNI) pack into one
+    integer per packet; deeper nesting uses a row of (depth, type, vni, type, vni, ...)."""
+    n, d = tun_type.shape
+    if n and int(depth.max()) == 0:
+        return interner.encode(np.zeros(n, dtype=np.int64))
+    if d <= 2 and (n == 0 or (int(tun_vni.min()) >= 0 and int(tun_vni.max()) < 1 << 24)):
+        key = depth.astype(np.int64)
+        for lvl, shift in ((0, 4), (1, 32))[:d]:
+            on = depth > lvl
+            key |= np.where(on, (tun_type[:, lvl].astype(np.int64) & 0xF) << shift, 0)
+            key |= np.where(on, tun_vni[:, lvl] << (shift + 4), 0)
+        return interner.encode(key)
+    ek = np.zeros((n, 1 + 2 * d), dtype=np.int64)
+    ek[:, 0] = depth
+    ek[:, 1::2] = tun_type
+    ek[:, 2::2] = tun_vni
+    return interner.encode(ek.view(np.uint8).reshape(n, -1))
 
 
 INT_COLUMNS = ("ifindex", "pkttype", "vlan", "vni", "tunnel_options", "outer_sport", "outer_dport", "ip_version",
@@ -180,18 +220,14 @@ class PacketColumns:
         ikey = batch.iface.astype(np.int64) + (self.file_no << 20)
         self._add("interface", self.iface.encode(ikey))
         self._add("link_type", self.link.encode(ikey))
-        self._add("src", self.addr.encode(_addr_keys(ctx.ipver, ctx.src)))
-        self._add("dst", self.addr.encode(_addr_keys(ctx.ipver, ctx.dst)))
-        self._add("outer_src", self.addr.encode(_addr_keys(ctx.outer_ipver, ctx.outer_src)))
-        self._add("outer_dst", self.addr.encode(_addr_keys(ctx.outer_ipver, ctx.outer_dst)))
-        d = ctx.config.max_tunnel_depth
-        ek = np.zeros((n, 1 + 2 * d), dtype=np.int64)
-        ek[:, 0] = ctx.depth
-        ek[:, 1::2] = ctx.tun_type
-        ek[:, 2::2] = ctx.tun_vni
-        self._add("encap", self.encap.encode(ek.view(np.uint8).reshape(n, -1)))
+        self._add("src", encode_addresses(self.addr, ctx.ipver, ctx.src))
+        self._add("dst", encode_addresses(self.addr, ctx.ipver, ctx.dst))
+        self._add("outer_src", encode_addresses(self.addr, ctx.outer_ipver, ctx.outer_src))
+        self._add("outer_dst", encode_addresses(self.addr, ctx.outer_ipver, ctx.outer_dst))
+        self._add("encap", encode_encaps(self.encap, ctx.depth, ctx.tun_type, ctx.tun_vni))
         self._add("proto", self.proto.encode(ctx.proto))
-        inner = np.where(ctx.depth > 0, ctx.tun_vni[np.arange(n), np.maximum(ctx.depth.astype(np.int64) - 1, 0)], -1)
+        inner = np.where(ctx.depth > 0, np.take_along_axis(
+            ctx.tun_vni, np.maximum(ctx.depth.astype(np.int64) - 1, 0)[:, None], axis=1)[:, 0], -1)
         self._add("vni", inner)
         self._add("ip_version", np.where(ctx.ipver > 0, ctx.ipver, -1))
         for col, arr in (("ifindex", ctx.ifindex), ("pkttype", ctx.pkttype), ("vlan", ctx.vlan),
@@ -217,34 +253,56 @@ class PacketColumns:
                 self.anomalies.extend((int(i), layer, kind, str(dt)) for i, dt in zip(idx, detail))
 
     def packets(self) -> pd.DataFrame:
-        if not self.parts:
+        """The packets table of every batch added since the last call (all of them for the first call): the
+        accumulated columns are released column by column while the table is built, so the peak is about the
+        table itself plus one column. Category codes are stable across calls (one interner per column)."""
+        parts, self.parts = self.parts, {}
+        if not parts:
             return tables.empty("packets")
-        cat = lambda c: np.concatenate(self.parts[c])  # noqa: E731
-        index = cat("index")
+
+        def take(col: str, dtype=None) -> np.ndarray:
+            chunks = parts.pop(col)
+            if len(chunks) == 1 and (dtype is None or chunks[0].dtype == dtype):
+                return chunks[0]
+            return np.concatenate(chunks, dtype=dtype)
+
+        index = take("index")
         n = len(index)
         out: dict[str, object] = {}
         out["capture"] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[self.name])
         out["index"] = index
-        ts = cat("ts")
-        out["ts"] = pd.Series(ts.view("datetime64[ns]")).dt.tz_localize("UTC")
+        out["ts"] = pd.arrays.DatetimeArray._simple_new(take("ts", np.int64).view("M8[ns]"),
+                                                        dtype=pd.DatetimeTZDtype("ns", "UTC"))
         for col, interner in (("interface", self.iface), ("link_type", self.link), ("encap", self.encap),
                               ("outer_src", self.addr), ("outer_dst", self.addr), ("src", self.addr),
                               ("dst", self.addr), ("proto", self.proto)):
-            out[col] = interner.categorical(cat(col))
+            out[col] = interner.categorical(take(col))
         for col in INT_COLUMNS:
-            v = cat(col).astype(np.int64)
+            v = take(col, np.int64)
             out[col] = pd.arrays.IntegerArray(v, v < 0)
-        sp = cat("sack_permitted")
+        sp = take("sack_permitted")
         out["sack_permitted"] = pd.arrays.BooleanArray(sp == 1, sp < 0)
         for col in ("length", "caplen", "frame_offset"):
-            out[col] = cat(col)
+            out[col] = take(col, np.int64)
+        out["comment"] = self._comment_column(index)
+        return pd.DataFrame({c: out.pop(c) for c in tables.columns("packets")}, copy=False)
+
+    def _comment_column(self, index: np.ndarray):
+        """The comment column of the rows `index` (NA but where a pcapng packet comment was read)."""
+        import pyarrow as pa
+
+        n = len(index)
+        if not self.comments:
+            return pd.array(pa.chunked_array([pa.nulls(n, pa.large_string())]), dtype="string")
         comment = np.full(n, None, dtype=object)
-        if self.comments:
-            pos = np.searchsorted(index, np.fromiter(self.comments, dtype=np.int64))
-            comment[pos] = list(self.comments.values())
-        out["comment"] = pd.array(comment, dtype="string")
-        df = pd.DataFrame({c: out[c] for c in tables.columns("packets")})
-        return df
+        numbers = np.fromiter(self.comments, dtype=np.int64, count=len(self.comments))
+        pos = np.searchsorted(index, numbers)
+        here = (pos < n) & (index[np.minimum(pos, n - 1)] == numbers)
+        texts = list(self.comments.values())
+        comment[pos[here]] = [texts[i] for i in np.flatnonzero(here)]
+        for k in numbers[here].tolist():
+            del self.comments[k]
+        return pd.array(comment, dtype="string")
 
 
 def _addr_keys(ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
@@ -272,38 +330,161 @@ def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:
                        {k - lo: v for k, v in b.pkt_flags.items() if lo <= k < hi}, numbers)
 
 
+class PacketStream:
+    """The packets table of one capture point as a sequence of tables of about `rows` rows each, so that memory
+    stays bounded whatever the capture's size (streaming form of `decode_capture`):
+
+        stream = PacketStream("big.pcap")
+        for part in stream:          # pandas DataFrames with the packets schema, in frame order
+            ...
+        stream.anomalies, stream.info   # complete once the iteration has finished
+
+    Category codes are stable from part to part (each part's categories are those seen so far). `path` is a file
+    or the rotated files of one point in order; `on_batch` as in `decode_capture`."""
+
+    def __init__(self, path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
+                 rows: int | None = 1 << 20,
+                 on_batch: Callable[[CaptureReader, RecordBatch, DecodeContext], None] | None = None) -> None:
+        self.paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        self.config = config
+        self.name = name
+        self.rows = rows
+        self.on_batch = on_batch
+        self.info: CaptureInfo | None = None
+        self.anomalies = tables.empty("anomalies")
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        config = self.config
+        cols = None
+        infos: list[CaptureInfo] = []
+        rows: list[tuple] = []
+        pending = 0
+        for p in self.paths:
+            reader = CaptureReader(p, config, name=self.name)
+            if cols is None:
+                cols = PacketColumns(reader.info.name, reader.info)
+            else:
+                cols.next_file(reader.info)
+            reader.index_offset = cols.index_offset
+            for batch in reader:
+                link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
+                for lo in range(0, len(batch), config.batch_packets):
+                    part = _slice(batch, lo, lo + config.batch_packets)
+                    ctx = decode_batch(part, link_types, config)
+                    cols.add(part, ctx, reader.info)
+                    if self.on_batch is not None:
+                        self.on_batch(reader, part, ctx)
+                    del ctx
+                    pending += len(part)
+                    if self.rows is not None and pending >= self.rows:
+                        pending = 0
+                        yield cols.packets()
+            info = reader.info
+            infos.append(info)
+            rows += [(cols.name, None if i is None else i + reader.index_offset, layer, kind, detail)
+                     for i, layer, kind, detail in info.anomalies]
+        rows += [(cols.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]
+        self.info = _merge_infos(infos, cols.name)
+        self.anomalies = anomalies_frame(rows)
+        if pending or self.rows is None:
+            yield cols.packets()
+
+
 def decode_capture(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
                    on_batch: Callable[[CaptureReader, RecordBatch, DecodeContext], None] | None = None
                    ) -> CaptureDecode:
     """Decode one capture point completely: a file, or the rotated files of one point in order (frame numbers
     continue from file to file). `on_batch(reader, batch, ctx)` sees every decoded batch while its buffer is
     valid (the stream stages take their TCP segments there); `reader.index_offset` is what to add to the
-    batch's frame numbers."""
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    cols = None
-    infos: list[CaptureInfo] = []
-    rows: list[tuple] = []
-    for p in paths:
-        reader = CaptureReader(p, config, name=name)
-        if cols is None:
-            cols = PacketColumns(reader.info.name, reader.info)
-        else:
-            cols.next_file(reader.info)
-        reader.index_offset = cols.index_offset
-        for batch in reader:
-            link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
-            for lo in range(0, len(batch), config.batch_packets):
-                part = _slice(batch, lo, lo + config.batch_packets)
-                ctx = decode_batch(part, link_types, config)
-                cols.add(part, ctx, reader.info)
-                if on_batch is not None:
-                    on_batch(reader, part, ctx)
-        info = reader.info
-        infos.append(info)
-        rows += [(cols.name, None if i is None else i + reader.index_offset, layer, kind, detail)
-                 for i, layer, kind, detail in info.anomalies]
-    rows += [(cols.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]
-    return CaptureDecode(info=_merge_infos(infos, cols.name), packets=cols.packets(), anomalies=anomalies_frame(rows))
+    batch's frame numbers. The whole packets table is in memory: `PacketStream` is the bounded-memory form."""
+    stream = PacketStream(path, config, name=name, rows=None, on_batch=on_batch)
+    parts = list(stream)
+    return CaptureDecode(info=stream.info, packets=parts[0], anomalies=stream.anomalies)
+
+
+def write_packets(paths, out: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1,
+                  columns: list[str] | None = None, rows: int = 1 << 20) -> tuple[int, pd.DataFrame]:
+    """Stream the packets table of captures to Parquet with bounded memory (`hbonecap decode -f parquet -o`).
+
+    `paths`: files, globs or directories, grouped into capture points as `analyze` does. `out`: one Parquet file
+    (the points one after the other, one row group per part), or, when it is a directory (existing, or written
+    with a trailing slash), one file per capture point, `DIR/<capture>.parquet`, written by `jobs` processes
+    (None: one per core); `pandas.read_parquet(DIR)` reads them back as one table. Returns (rows written, the
+    anomalies table). Raises CaptureError for a file that is not a capture (a partial output is removed)."""
+    from hbonecap.api import _unique_names, expand_paths, group_rotated
+    from hbonecap.errors import HbonecapError
+
+    files = expand_paths(paths)
+    if not files:
+        raise HbonecapError("no capture files given")
+    groups = group_rotated(files)
+    names = _unique_names([g[0] for g in groups])
+    points = [(members if len(members) > 1 else members[0], names[base]) for base, members in groups]
+    target = Path(out)
+    if not (target.is_dir() or str(out).endswith(("/", os.sep))):
+        return _write_points(points, target, config, columns, rows)
+    target.mkdir(parents=True, exist_ok=True)
+    jobs = (os.cpu_count() or 1) if jobs is None else max(1, jobs)
+    work = [([pt], target / f"{pt[1]}.parquet", config, columns, rows) for pt in points]
+    if jobs > 1 and len(work) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(work))) as ex:
+            done = [f.result() for f in [ex.submit(_write_points, *w) for w in work]]
+    else:
+        done = [_write_points(*w) for w in work]
+    return sum(n for n, _ in done), tables.concat("anomalies", [a for _, a in done])
+
+
+def _write_points(points: list[tuple], path: Path, config: DecodeConfig, columns: list[str] | None, rows: int
+                  ) -> tuple[int, pd.DataFrame]:
+    """The packets of `points` ((path or rotated paths, name) each) into one Parquet file, part by part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    schema = None
+    written = 0
+    anomalies = []
+    try:
+        for source, name in points:
+            stream = PacketStream(source, config, name=name, rows=rows)
+            for part in stream:
+                if columns:
+                    part = part[columns]
+                if schema is None:
+                    schema = _parquet_schema(part)
+                    writer = pq.ParquetWriter(str(path), schema)
+                if len(part):
+                    writer.write_table(pa.Table.from_pandas(part, preserve_index=False).cast(schema))
+                    written += len(part)
+                del part
+            anomalies.append(stream.anomalies)
+        if writer is None:                     # no capture point at all: an empty table with the schema
+            empty = tables.empty("packets")
+            empty = empty[columns] if columns else empty
+            writer = pq.ParquetWriter(str(path), _parquet_schema(empty))
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        Path(path).unlink(missing_ok=True)
+        raise
+    writer.close()
+    return written, tables.concat("anomalies", anomalies)
+
+
+def _parquet_schema(frame: pd.DataFrame):
+    """The Arrow schema of a packets part, with every categorical column as dictionary<int32, string> so that parts
+    whose categories grew still share one schema."""
+    import pyarrow as pa
+
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    for i, f in enumerate(schema):
+        if pa.types.is_dictionary(f.type):
+            schema = schema.set(i, pa.field(f.name, pa.dictionary(pa.int32(), pa.string()), f.nullable))
+        elif pa.types.is_large_string(f.type):
+            schema = schema.set(i, pa.field(f.name, pa.string(), f.nullable))
+    return schema
 
 
 def _merge_infos(infos: list[CaptureInfo], name: str) -> CaptureInfo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,7 +500,10 @@ def _run_dask(scheduler, args: list[tuple], labels: list[str], progress, keep_pa
     from dask.distributed import as_completed
 
     try:
-        futures = [client.submit(_safe_analyze, *x, key=f"hbonecap-capture-{i}-{os.path.basename(labels[i])}",
+        # keys name the file for the dashboard and are unique per run: a key still held by an earlier analysis
+        # (engine="dask" keeps its packets) would otherwise hand back that analysis's result
+        run = uuid.uuid4().hex[:12]
+        futures = [client.submit(_safe_analyze, *x, key=f"hbonecap-capture-{i}-{os.path.basename(labels[i])}-{run}",
                                  pure=False, retries=3) for i, x in enumerate(args)]
         remote = None
         if keep_packets:

@@ -202,3 +202,15 @@ def test_a_capture_split_over_partitions_is_shuffled_whole(cluster, serial):
     pd.testing.assert_frame_equal(remote.legs.reset_index(drop=True), local.legs.reset_index(drop=True),
                                   check_dtype=False)
     pd.testing.assert_frame_equal(_sorted_tcp(remote.tcp.compute()), _sorted_tcp(local.tcp))
+
+
+def test_two_analyses_with_the_same_file_names_on_one_cluster(cluster, serial):
+    """Lab scenarios share file names (node-a-eth0.pcap ...): an analysis whose packets are still held on the
+    cluster must not hand its results to the next analysis of other files with the same names."""
+    _, client = cluster
+    other = SAMPLES / "sequential"
+    first = hbonecap.analyze(other, keylog=other / "keylog.txt", scheduler=client, engine="dask")
+    second = hbonecap.analyze(SCENARIO, keylog=SCENARIO / "keylog.txt", scheduler=client, engine="dask")
+    assert len(first.flows) != len(second.flows)
+    _assert_same(second, serial, ("captures", "connections", "flows", "hops", "clock", "latency", "requests"))
+    assert first.packets.npartitions == second.packets.npartitions    # both still held on the cluster

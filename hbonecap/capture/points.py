@@ -3,7 +3,8 @@
 The guess uses, in order: an explicit assignment (CLI `--point`, API `points=`), the file name
 (`node-a-eth0.pcap`, `ztunnel-a-pistioout.pcapng`, `pod-b-eth0.pcap`), pcapng interface names, and traffic
 signatures (Geneve VNI 1000/1001, the 192.168.126.0/30 and 192.168.127.0/30 tunnel addresses, port 15008).
-Every guess carries its reason.
+Every guess carries its reason. With a Kubernetes inventory (`--k8s`), `hbonecap.k8s.placement` then places the
+captures without an explicit point from their addresses (node, pod).
 """
 from __future__ import annotations
 

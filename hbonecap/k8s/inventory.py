@@ -63,6 +63,8 @@ class Owner:
     end: int | None = None          # epoch ns; None: still there / unknown
     seen: tuple[int, ...] = ()      # snapshot times at which it was listed
     source: str = ""
+    not_before: int | None = None   # a snapshot showed another owner of the address then (or later)
+    not_after: int | None = None    # ... or then (or earlier)
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -504,6 +506,12 @@ def _close_intervals(owners: list[Owner]) -> list[Owner]:
         nxt = next((p.start for p in pods[i + 1:] if p.start is not None and p.key != o.key), None)
         if nxt is not None and (o.end is None or o.end > nxt) and (o.start is None or nxt > o.start):
             o = replace(o, end=nxt)
+        if o.seen:
+            # snapshots in which another pod held the address bound this one's lifetime
+            other = [t for p in pods if p.key != o.key for t in p.seen]
+            before = [t for t in other if t < min(o.seen)]
+            after = [t for t in other if t > max(o.seen)]
+            o = replace(o, not_before=max(before) if before else None, not_after=min(after) if after else None)
         out.append(o)
     return nodes + out
 
@@ -518,21 +526,25 @@ def _known_at(o: Owner, ts: int) -> bool | None:
         return False
     if o.end is not None and ts >= o.end:
         return False
-    if o.start is None and o.seen and ts < min(o.seen) and o.end is None:
+    if o.not_before is not None and ts <= o.not_before:
+        return False
+    if o.not_after is not None and ts >= o.not_after:
+        return False
+    if o.seen and o.start is None and ts < min(o.seen):
         return None          # listed later, creation unknown: can't say
+    if o.seen and o.end is None and o.not_after is not None and ts > max(o.seen):
+        return None          # between its last listing and another owner's first: can't say
     return True
 
 
 def _at_time(cands: list[Owner], ts: int | None) -> list[Owner]:
+    """The owners that may have held the address at ts: one means resolved."""
     keys = {o.key for o in cands}
     if len(keys) == 1:
         return cands[:1]
     if ts is None:
         return cands
-    states = [(o, _known_at(o, ts)) for o in cands]
-    if any(s is None for _, s in states):
-        return cands          # an owner without times: the time cannot decide
-    return [o for o, s in states if s]
+    return [o for o in cands if _known_at(o, ts) is not False]
 
 
 # ---- files ------------------------------------------------------------------------------------------------------

@@ -205,3 +205,18 @@ def test_placement_from_node_addresses_alone():
     assert pd.isna(out.loc[1, "node"])          # between two nodes: cannot tell which end captured
     assert anomalies == []
     assert list(address_groups(None, tables.empty("connections")).columns) == ["capture", "addresses", "packets"]
+
+
+def test_ip_reuse_between_timed_istioctl_snapshots():
+    """ztunnel workload records carry no times; snapshots named with their time bound each owner's lifetime."""
+    before = json.loads((FIXTURES / "reuse-untimed" / "workloads-before.json").read_text())
+    after = json.loads((FIXTURES / "reuse-untimed" / "workloads-after.json").read_text())
+    t1, t2 = ns("2026-11-22T05:00:00Z"), ns("2026-11-22T05:40:00Z")
+    inv = Inventory.build([("workloads-20261122-050000.json", before, t1),
+                           ("workloads-20261122-054000.json", after, t2)])
+    assert inv.resolve_ip("10.244.2.5", t1).name == "default/echo-5b4f7c9d8-old9z"
+    assert inv.resolve_ip("10.244.2.5", ns("2026-11-22T04:50:00Z")).name == "default/echo-5b4f7c9d8-old9z"
+    assert inv.resolve_ip("10.244.2.5", ns("2026-11-22T05:50:00Z")).name == "default/echo-5b4f7c9d8-q7m2n"
+    # between the two snapshots the address changed hands at an unknown moment
+    assert inv.resolve_ip("10.244.2.5", ns("2026-11-22T05:27:41Z")).status == "ambiguous"
+    assert inv.resolve_ip("10.244.1.5", ns("2026-11-22T05:27:41Z")).name == "default/sleep-7d9c8b6f4-x2k9p"

@@ -61,8 +61,16 @@ WINDOW = 30 * 10**9        # a downstream connection starts within 30 s of the u
 MAX_CANDIDATES = 200       # nearest earlier client connections considered per stream when inferring
 KEYLESS_TOL = 50_000       # 50 us: a TLS record follows the plain-leg event it carries (clock error allowance)
 SIZE_WINDOW = 20_000_000   # a DATA record of the expected size is preferred to earlier ones within 20 ms
-AMBIGUOUS_NS = 1_000_000   # concurrent streams' events closer than 1 ms with records of one size are ambiguous
+FIRST_WRITES = 8           # running totals of a leg's first data segments a first DATA frame may carry
+KEYLESS_OPTIONS = 64       # candidate records per keyless event (bounded work on long-lived pooled connections)
+AMBIGUOUS_MARGIN = 1.0     # a keyless match less than this score above its best alternative is ambiguous
 
+# keyless events: (class, direction) -> (record kinds that can carry it, the kind expected)
+KEYLESS_KINDS = {("open", 0): ({"headers", "data", "control"}, "headers"),
+                 ("open", 1): ({"response", "data", "control"}, "response"),
+                 ("data", 0): ({"data", "headers"}, "data"), ("data", 1): ({"data", "response"}, "data"),
+                 ("end", 0): ({"end_stream", "control"}, "end_stream"),
+                 ("end", 1): ({"end_stream", "control"}, "end_stream")}
 # TCP leg events: (legs column, event name, direction 0 = client to server)
 TCP_EVENTS = (("syn", "syn", 0), ("syn_ack", "syn_ack", 1), ("data_c2s", "first_request_byte", 0),
               ("data_s2c", "first_response_byte", 1), ("fin_c2s", "fin", 0), ("fin_s2c", "fin_s2c", 1))
@@ -110,6 +118,19 @@ class _Flow:
     match: str = "exact"
     confidence: float = 1.0
     reasons: list = field(default_factory=list)
+
+
+@dataclass
+class _KeylessCandidate:
+    """Client connection a -> HBONE connection t (-> t2, a waypoint's) -> server connection d, without keys."""
+
+    a: int
+    t: int
+    t2: int | None
+    d: int
+    score: float
+    dt: int                                  # d's first packet after a's (ns)
+    why: list
 
 
 class _Correlator:
@@ -600,11 +621,17 @@ class _Correlator:
                            f"but no server connection was found in the captures")
         # 5. without keys: client connection -> HBONE connection -> server connection, by timing and content
         streamed = {st.lconn for st in streams}
-        for a_l, t_l, t2_l, d_l, conf, why in self.match_keyless([l for l in plain if l not in used_plain],
-                                                                 sorted(self.tunnel_lconns - streamed)):
+        for a_l, t_l, t2_l, d_l, conf, why, ambiguity in self.match_keyless(
+                [l for l in plain if l not in used_plain], sorted(self.tunnel_lconns - streamed)):
             used_plain |= {a_l, d_l}
             flows.append(_Flow(app=a_l, delivery=d_l, tunnel=t_l, tunnel2=t2_l, match="inferred", confidence=conf,
-                               reasons=[why]))
+                               reasons=list(why)))
+            if ambiguity:
+                self._anom(self._caps_of(a_l)[0] if self._caps_of(a_l) else "", "keyless_ambiguous",
+                           f"{self.lcd[a_l]['client']} > {self.lcd[a_l]['server']} tied without keys to "
+                           f"{self.lcd[t_l]['client']} > {self.lcd[t_l]['server']} and "
+                           f"{self.lcd[d_l]['client']} > {self.lcd[d_l]['server']} (confidence {conf:g}), "
+                           f"{ambiguity}")
         redirected = {"ztunnel", "istioout", "pistioout", "istioin", "pistioin"}
         for l in plain:
             if l in used_plain:
@@ -623,12 +650,16 @@ class _Correlator:
     def match_keyless(self, plain: list[int], tunnels: list[int]) -> list[tuple]:
         """Tie client connections to server connections through an HBONE connection that could not be decrypted.
 
-        A client connection A (seen by a ztunnel whose address, or A's own when spoofed, is the HBONE client), an
-        HBONE connection T open at the time, and a connection D to T's server address starting after A (or, through
-        a waypoint, to the server address of an HBONE connection T2 that T's server opened): scored by the
-        plaintext HTTP/1 request line on A and D, their byte counts each way, and the delay from A to D.
-        Returns (A, T, T2 or None, D, confidence, reason). The hook a later issue deepens (TLS record sizes and
-        timing).
+        Candidates: a client connection A (seen by a ztunnel whose address, or A's own when spoofed, is the HBONE
+        client), an HBONE connection T open at the time, and a connection D to T's server address (or, through a
+        waypoint, to the server address of an HBONE connection T2 that T's server opened) that starts after A and
+        before A ends. Each candidate is scored from its evidence (`_keyless_evidence`: request line, host, bytes
+        each way, outer addresses, TLS records of T in the right windows); pairs are assigned one to one, best
+        score first. Confidence combines the evidence with the margin over the best alternative that could take
+        the same client or server connection instead (another server connection, another client whose own match
+        is no better, another HBONE connection): a margin under `AMBIGUOUS_MARGIN` is ambiguous, reported with low
+        confidence and the competitor named, never a silent guess.
+        Returns (A, T, T2 or None, D, confidence, reasons, ambiguity or None).
         """
         if not tunnels or len(plain) < 2:
             return []
@@ -642,14 +673,15 @@ class _Correlator:
                 by_server_ip[self.lcd[d]["server_ip"]].append((td, d))
         for v in by_server_ip.values():
             v.sort()
-        cand = []
+        cand: list[_KeylessCandidate] = []
         for a_l in plain:
             ta = self.leg_time(a_l, "first_c2s")
             if ta is None:
                 continue
+            a_end = self._lt_last.get(a_l)
             src_ips = {self.lcd[a_l]["client_ip"]} | {self.owner[c] for c in self._caps_of(a_l)
                                                           if self.role.get(c) == "ztunnel" and c in self.owner}
-            for ip in src_ips:
+            for ip in sorted(src_ips):
                 for t in by_client_ip.get(ip, []):
                     # direct, or through a waypoint: T's server re-originates HBONE (T2) to the destination
                     routes = [(t, None)] + [(t, t2) for t2 in by_client_ip.get(self.lcd[t]["server_ip"], [])
@@ -665,25 +697,127 @@ class _Correlator:
                             if d == a_l or any(f0 is None or f0 > td + TOL or (l0 is not None and l0 < td - TOL)
                                                for f0, l0 in spans):
                                 continue
-                            ra, ha = self.leg_request(a_l)
-                            rd, hd = self.leg_request(d)
-                            score = self._content_score(ra, ha, self.leg_bytes(a_l), rd, hd, self.leg_bytes(d))
-                            cand.append((score, td - ta, a_l, (t1, t2), d))
-        best_score: dict[int, list[int]] = defaultdict(list)
-        for score, dt, a_l, t, d in cand:
-            best_score[a_l].append(score)
-        out, used_a, used_d = [], set(), set()
-        for score, dt, a_l, t, d in sorted(cand, key=lambda x: (-x[0], x[1])):
-            if a_l in used_a or d in used_d or a_l in used_d or d in used_a:
+                            if a_end is not None and td > a_end + TOL:
+                                continue      # the server connection opens while the client is connected
+                            score, why = self._keyless_evidence(a_l, t1, t2, d)
+                            cand.append(_KeylessCandidate(a_l, t1, t2, d, score, td - ta, why))
+        cand.sort(key=lambda c: (-c.score, c.dt, c.a, c.d))
+        chosen: dict[int, _KeylessCandidate] = {}
+        by_d: dict[int, _KeylessCandidate] = {}
+        for c in cand:
+            if c.a in chosen or c.d in by_d or c.a in by_d or c.d in chosen:
                 continue
-            used_a.add(a_l)
-            used_d.add(d)
-            conf = min(0.8, 0.3 + 0.1 * max(score, 0))
-            if sorted(best_score[a_l], reverse=True)[1:2] == [score]:
-                conf *= 0.7       # another server connection fits as well
-            why = "keyless: " + ("request line and sizes" if score >= 3 else "sizes and timing" if score > 0
-                                 else "timing")
-            out.append((a_l, t[0], t[1], d, round(conf, 3), why))
+            chosen[c.a] = by_d[c.d] = c
+        out = []
+        for c in sorted(chosen.values(), key=lambda c: (-c.score, c.dt)):
+            # the best alternative: the same client with another server connection (free, or whose own match is
+            # no better), the same server connection from another client (likewise), or another HBONE route
+            rival = None
+            for o in cand:
+                if o is c or (o.a != c.a and o.d != c.d):
+                    continue
+                if o.a == c.a and o.d == c.d:
+                    pass                                   # another HBONE connection between the same legs
+                elif o.a == c.a:
+                    other = by_d.get(o.d)
+                    if other is not None and other.score > o.score:
+                        continue
+                else:
+                    other = chosen.get(o.a)
+                    if other is not None and other.score > o.score:
+                        continue
+                if rival is None or o.score > rival.score:
+                    rival = o
+            margin = c.score - rival.score if rival is not None else None
+            base = 1.0 - 0.5 * np.exp(-max(c.score, 0.0) / 3.0)
+            separation = 1.0 if margin is None else float(np.clip(0.5 + 0.125 * margin, 0.3, 1.0))
+            conf = min(0.99, base * separation)
+            reasons = ["keyless: " + ", ".join(c.why)]
+            ambiguity = None
+            if margin is not None and margin < AMBIGUOUS_MARGIN:
+                conf = min(conf, 0.5)
+                what = (f"HBONE connection {self.lcd[rival.t]['client']} > {self.lcd[rival.t]['server']}"
+                        if rival.a == c.a and rival.d == c.d else
+                        f"server connection {self.lcd[rival.d]['client']} > {self.lcd[rival.d]['server']}"
+                        if rival.a == c.a else f"client connection {self.lcd[rival.a]['client']} > "
+                                               f"{self.lcd[rival.a]['server']}")
+                ambiguity = (f"ambiguous: {what} fits as well (score {rival.score:g} vs {c.score:g}; "
+                             f"{', '.join(rival.why)})")
+                reasons.append(ambiguity)
+            elif margin is not None:
+                reasons.append(f"margin {margin:g} over the next candidate")
+            out.append((c.a, c.t, c.t2, c.d, round(conf, 3), reasons, ambiguity))
+        return out
+
+    def _keyless_evidence(self, a: int, t1: int, t2: int | None, d: int) -> tuple[float, list[str]]:
+        """Score of the candidate client A -> HBONE T1 (-> T2) -> server D, and what it rests on: the plaintext
+        request line (+2, -3 when different) and host (+1), bytes each way (+-1.5), the HBONE connection leaving
+        from the client pod's own address (+0.5), and T1's TLS records: a client record between A's and D's
+        first packets (a new stream: +1, none at all: -2), a DATA record of A's first write between A's and D's
+        first data (+1), one of D's first answer between D's and A's first data back (+1)."""
+        score, why = 0.0, []
+        ra, ha = self.leg_request(a)
+        rd, hd = self.leg_request(d)
+        clean = [tuple(None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+                       for v in r) if r is not None else None for r in (ra, rd)]
+        if clean[0] and clean[1] and None not in clean[0] and None not in clean[1]:
+            if clean[0] == clean[1]:
+                score += 2
+                why.append("same request line")
+            else:
+                score -= 3
+                why.append("request lines differ")
+        if ha is not None and hd is not None and pd.notna(ha) and pd.notna(hd) and str(ha) == str(hd):
+            score += 1
+            why.append("same host")
+        ba, bd = self.leg_bytes(a), self.leg_bytes(d)
+        for k, name in ((0, "c2s"), (1, "s2c")):
+            if ba[k] > 0 and bd[k] > 0:
+                if ba[k] == bd[k]:
+                    score += 1.5
+                    why.append(f"same bytes {name} ({ba[k]})")
+                else:
+                    score -= 1.5
+                    why.append(f"bytes {name} differ ({ba[k]} vs {bd[k]})")
+        if self.lcd[t1]["client_ip"] == self.lcd[a]["client_ip"]:
+            score += 0.5
+            why.append("HBONE from the client pod's address")
+        lt = self.leg_time
+        first = self._records_between(t1, 0, lt(a, "first_c2s"), lt(d, "first_c2s"))
+        if first is None:
+            pass
+        elif first:
+            score += 1
+            why.append("a new-stream record in time")
+        else:
+            score -= 2
+            why.append("no HBONE record between the two connections' starts")
+        last_t = t2 if t2 is not None else t1
+        lo = lt(a, "data_c2s")
+        size = self._write_sizes(a, 0)
+        if size and self._records_between(t1, 0, lo, lt(d, "data_c2s"), size):
+            score += 1
+            why.append("request DATA record of the client's first write")
+        size = self._write_sizes(d, 1)
+        if size and self._records_between(last_t, 1, lt(d, "data_s2c"), lt(a, "data_s2c"), size):
+            score += 1
+            why.append("response DATA record of the server's first write")
+        return score, why
+
+    def _records_between(self, t: int, d: int, lo: int | None, hi: int | None, size: int | None = None):
+        """Records of HBONE connection t in direction d between two corrected times (with the clock allowance),
+        of a tunnelled payload `size` when given; None when the times or the records are unknown."""
+        if lo is None or hi is None:
+            return None
+        recs = self._tunnel_records(t, d, [])
+        if not recs:
+            return None
+        times = [x[0] for x in recs]
+        j0 = bisect.bisect_left(times, lo - KEYLESS_TOL)
+        j1 = bisect.bisect_right(times, hi + KEYLESS_TOL)
+        out = [x[3] for x in recs[j0:j1] if x[3].kind not in ("handshake", "change_cipher_spec", "alert")]
+        if size is not None:
+            out = [r for r in out if r.payload in size or data_payload(r.h2_bytes) in size]
         return out
 
     @staticmethod
@@ -901,139 +1035,212 @@ class _Correlator:
 
     # --- keyless HBONE hop events from TLS records --------------------------------------------------------------
     def _tunnel_records(self, t: int, d: int, prefer: list[str]) -> list[tuple]:
-        """Records of direction d of HBONE connection t, labelled (keyless.infer_records), at one capture: the
-        first of `prefer` (then any) that saw the most of them. Tuples (corrected ts_last, capture, raw ts_last,
-        record), in time order."""
+        """Records of direction d of HBONE connection t, labelled (keyless.infer_records), from one view of it (a
+        capture's timeline of that TLS connection; a capture on several interfaces can hold two): the first of
+        `prefer` (then any) whose view has the most records that way. Tuples (corrected ts_last, capture, raw
+        ts_last, record), in time order."""
         key = (t, d, tuple(prefer))
         cache = self.__dict__.setdefault("_rec_cache", {})
         if key in cache:
             return cache[key]
         details = getattr(self.a, "details", None) or {}
-        best, best_n = None, 0
         order = {c: i for i, c in enumerate(prefer)}
         views = sorted(self.tunnel_timelines.get(t, []), key=lambda ct: order.get(ct[0], len(order)))
-        labelled: dict[str, list] = defaultdict(list)
+        labels = self.__dict__.setdefault("_label_cache", {})
+        best, best_n = None, 0
         for cap, tid in views:
-            tl = getattr(details.get(cap), "records", {}).get(tid) if details.get(cap) is not None else None
-            if tl:
-                labelled[cap].extend(infer_records(tl))
-        for cap, recs in labelled.items():
-            n = sum(1 for r in recs if r.direction == d)
+            if (cap, tid) not in labels:
+                det = details.get(cap)
+                tl = getattr(det, "records", {}).get(tid) if det is not None else None
+                labels[(cap, tid)] = infer_records(tl) if tl else []
+            n = sum(1 for r in labels[(cap, tid)] if r.direction == d)
             if n > best_n:
-                best, best_n = cap, n
+                best, best_n = (cap, tid), n
         out = []
         if best is not None:
-            out = sorted(((self.corr(best, r.ts_last), best, r.ts_last, r) for r in labelled[best]
-                          if r.direction == d), key=lambda x: x[0])
+            cap = best[0]
+            out = sorted(((self.corr(cap, r.ts_last), cap, r.ts_last, r) for r in labels[best] if r.direction == d),
+                         key=lambda x: x[0])
         cache[key] = out
         return out
 
-    def _first_chunk(self, lconn: int | None, d: int) -> int | None:
-        """Payload length of the first data segment of a connection in direction d."""
+    def _write_sizes(self, lconn: int | None, d: int) -> frozenset:
+        """What the first DATA frame of a tunnelled direction can carry: the running totals of the plain leg's first
+        `FIRST_WRITES` data segments that way, at the capture that saw the first one (a proxy reads what has
+        arrived: one segment or several)."""
         if lconn is None:
-            return None
-        if not hasattr(self, "_chunks"):
+            return frozenset()
+        if not hasattr(self, "_writes"):
             tcp = self.L.tcp
-            data = tcp[tcp["plen"] > 0].sort_values("ts", kind="stable").drop_duplicates(["lconn", "dir"])
-            self._chunks = {(int(l), int(x)): int(n) for l, x, n in zip(data["lconn"], data["dir"], data["plen"])}
-        return self._chunks.get((lconn, d))
+            data = tcp[tcp["plen"] > 0].sort_values("ts", kind="stable")
+            first_cap = data.drop_duplicates(["lconn", "dir"]).set_index(["lconn", "dir"])["cap"]
+            data = data.join(first_cap.rename("first_cap"), on=["lconn", "dir"])
+            data = data[data["cap"] == data["first_cap"]].drop_duplicates(["lconn", "dir", "seq"])
+            data = data.groupby(["lconn", "dir"], sort=False).head(FIRST_WRITES)
+            self._writes = {}
+            for (l, x), g in data.groupby(["lconn", "dir"], sort=False):
+                self._writes[(int(l), int(x))] = frozenset(int(v) for v in np.cumsum(g["plen"].to_numpy(np.int64)))
+        return self._writes.get((lconn, d), frozenset())
 
     def _keyless_events(self, flows: list[_Flow]) -> None:
         """Hop events of the flows tied without keys, from the TLS records of their HBONE connections.
 
-        Every event of an HBONE hop follows a known one: the CONNECT (a new stream's HEADERS) follows the client's
-        SYN, the 200 follows the server connection's SYN-ACK, DATA follows the first bytes of the plain leg on the
-        same side (the client's only after the 200), END_STREAM follows the leg's FIN. Client-to-server events
-        run down the chain (client, HBONE, waypoint's HBONE), server-to-client ones up it. For each HBONE
-        connection, the flows' anchors are taken in time order and each gets the first unused record of the right
-        kind after it (first in, first out, as a proxy forwards), preferring a DATA record whose estimated payload
-        equals the leg's first segment. Times are those of the record's last byte, as decryption would give."""
+        Every event of an HBONE hop lies between two known ones, one on each side: the CONNECT (a new stream's
+        HEADERS) after the client's SYN and before the server connection's SYN, the 200 after the server
+        connection's SYN-ACK, the first DATA each way after the first bytes of the plain leg it comes from (the
+        client's only after the 200) and before those of the leg it goes to, END_STREAM between the two legs'
+        FINs. Client-to-server events run down the chain (client, HBONE, waypoint's HBONE), server-to-client
+        ones up it. On each HBONE connection the events of its flows are assigned to distinct records at once
+        (minimum cost assignment, `_assign_records`): a record outside an event's window, of another tunnelled
+        size than the leg's first write (DATA) or of another label costs more; among equals the records follow
+        the order of the events (a proxy forwards first in, first out). An event that could swap records with
+        another flow's at the same cost is marked ambiguous. Times are those of the record's last byte, as
+        decryption would give."""
         self._kl: dict[tuple[int, int], dict[str, tuple]] = {}
+        self._kl_ambiguous: dict[tuple[int, int], list[str]] = defaultdict(list)
         chains = [(i, f, [x for x in (f.tunnel, f.tunnel2) if x is not None]) for i, f in enumerate(flows)
                   if f.match == "inferred" and f.tunnel is not None]
         if not chains:
             return
         used: dict[tuple[int, int], set[int]] = defaultdict(set)
-        kinds = {("open", 0): {"headers", "data", "control"}, ("open", 1): {"response", "data", "control"},
-                 ("data", 0): {"data", "headers"}, ("data", 1): {"data", "response"},
-                 ("end", 0): {"end_stream", "control"}, ("end", 1): {"end_stream", "control"}}
-        # a CONNECT leaves as soon as the client is accepted: the first client record after the SYN is taken as is
-        # (the FIFO labels of concurrent streams can swap a HEADERS and a DATA); the other events prefer the label
-        preferred = {("open", 0): "any", ("open", 1): "response", ("data", 0): "data", ("data", 1): "data",
-                     ("end", 0): "end_stream", ("end", 1): "end_stream"}
-        steps = (("connect", 0, "syn", "open"), ("connect_response", 1, "syn_ack", "open"),
-                 ("first_request_byte", 0, "data_c2s", "data"), ("first_response_byte", 1, "data_s2c", "data"),
-                 ("end_c2s", 0, "fin_c2s", "end"), ("end_s2c", 1, "fin_s2c", "end"))
+        lists: dict[tuple[int, int], list] = {}                       # (tunnel, direction) -> its records
+        taken: dict[tuple[int, int], dict[int, tuple]] = defaultdict(dict)   # record index -> (event, (flow, level))
+        # event -> (direction, leg column of the side it comes from, of the side it goes to, class)
+        spec = {"connect": (0, "syn", "syn", "open"), "connect_response": (1, "syn_ack", None, "open"),
+                "first_request_byte": (0, "data_c2s", "data_c2s", "data"),
+                "first_response_byte": (1, "data_s2c", "data_s2c", "data"),
+                "end_c2s": (0, "fin_c2s", "fin_c2s", "end"), "end_s2c": (1, "fin_s2c", "fin_s2c", "end")}
+        # the 200 first (the client's first DATA waits for it), then everything client to server, then back
+        phases = (("connect_response",), ("connect", "first_request_byte", "end_c2s"),
+                  ("first_response_byte", "end_s2c"))
         depth = max(len(c) for _, _, c in chains)
-        for ev, d, leg_col, cls in steps:
+        for phase in phases:
+            d = spec[phase[0]][0]
             for level in (range(depth) if d == 0 else range(depth - 1, -1, -1)):
                 per_tunnel: dict[int, list] = defaultdict(list)
                 for i, f, chain in chains:
                     if level >= len(chain):
                         continue
                     t = chain[level]
-                    if d == 0:
-                        prev = self._kl.get((i, level - 1), {}).get(ev) if level > 0 else None
-                        anchor = prev[3] if prev else (self.leg_time(f.app, leg_col) if level == 0 else None)
-                        if ev == "first_request_byte":
-                            resp = self._kl.get((i, level), {}).get("connect_response")
-                            if anchor is not None and resp is not None:
-                                anchor = max(anchor, resp[3])
-                        size = self._first_chunk(f.app, 0)
-                    else:
-                        nxt = self._kl.get((i, level + 1), {}).get(ev) if level + 1 < len(chain) else None
-                        anchor = nxt[3] if nxt else (self.leg_time(f.delivery, leg_col) if level == len(chain) - 1
-                                                     and f.delivery is not None else None)
-                        size = self._first_chunk(f.delivery, 1)
-                    if anchor is not None:
-                        per_tunnel[t].append((anchor, i, size))
-                for t, anchors in per_tunnel.items():
+                    for ev in phase:
+                        _, from_col, to_col, cls = spec[ev]
+                        if d == 0:
+                            prev = self._kl.get((i, level - 1), {}).get(ev) if level > 0 else None
+                            low = prev[3] if prev else (self.leg_time(f.app, from_col) if level == 0 else None)
+                            if ev == "first_request_byte":
+                                resp = self._kl.get((i, level), {}).get("connect_response")
+                                if low is not None and resp is not None:
+                                    low = max(low, resp[3])
+                            high = self.leg_time(f.delivery, to_col) if to_col and f.delivery is not None \
+                                and level == len(chain) - 1 else None
+                            size = self._write_sizes(f.app, 0)
+                        else:
+                            nxt = self._kl.get((i, level + 1), {}).get(ev) if level + 1 < len(chain) else None
+                            low = nxt[3] if nxt else (self.leg_time(f.delivery, from_col) if level == len(chain) - 1
+                                                      and f.delivery is not None else None)
+                            high = self.leg_time(f.app, to_col) if to_col and level == 0 else None
+                            size = self._write_sizes(f.delivery, 1)
+                        if low is not None:
+                            per_tunnel[t].append((low, high, i, ev, cls, size if cls == "data" else None))
+                for t, rows in per_tunnel.items():
                     cl_list, sv_list = self._end_lists(t, [], [])
                     zc = self._proxy_capture(self.lcd[t]["client_ip"], t)
                     prefer = ([zc] if zc else []) + cl_list if d == 0 else sv_list
                     recs = self._tunnel_records(t, d, prefer)
                     if not recs:
                         continue
-                    times = [x[0] for x in recs]
-                    ok = kinds[(cls, d)]
-                    chosen = []
-                    for anchor, i, size in sorted(anchors):
-                        j0 = bisect.bisect_left(times, anchor - KEYLESS_TOL)
-                        # the first fitting record; within SIZE_WINDOW of it, one of the labelled kind (and for
-                        # DATA, of the leg's first segment size) is preferred
-                        pick = best = None
-                        for j in range(j0, len(recs)):
-                            r = recs[j][3]
-                            if r.index in used[(t, d)] or r.kind not in ok:
-                                continue
-                            if pick is None:
-                                pick = j
-                            elif recs[j][0] > recs[pick][0] + SIZE_WINDOW:
-                                break
-                            fits = preferred[(cls, d)] in ("any", r.kind) and (
-                                cls != "data" or not size or r.payload == size or data_payload(r.h2_bytes) == size)
-                            if fits:
-                                best = j
-                                break
-                        pick = best if best is not None else pick
-                        if pick is None:
-                            continue
-                        used[(t, d)].add(recs[pick][3].index)
-                        corr_ts, cap, raw, r = recs[pick]
-                        self._kl.setdefault((i, level), {})[ev] = (d, cap, raw, corr_ts, r, False)
-                        chosen.append((anchor, i, level, r))
-                    # two anchors closer than the timing can tell, given records of one size: either could be
-                    # either; the events are kept (their times differ little) and said to be ambiguous
-                    for (a1, i1, l1, r1), (a2, i2, l2, r2) in zip(chosen, chosen[1:]):
-                        if a2 - a1 < AMBIGUOUS_NS and r1.h2_bytes == r2.h2_bytes:
-                            for i, lv in ((i1, l1), (i2, l2)):
-                                e = self._kl[(i, lv)][ev]
-                                self._kl[(i, lv)][ev] = e[:5] + (True,)
+                    rows.sort(key=lambda r: (r[0], r[2]))
+                    lists[(t, d)] = recs
+                    for row, j, ambiguous_with in self._assign_records(rows, recs, d, used[(t, d)]):
+                        low, high, i, ev, cls, size = row
+                        corr_ts, cap, raw, r = recs[j]
+                        used[(t, d)].add(r.index)
+                        taken[(t, d)][r.index] = (ev, (i, level))
+                        self._kl.setdefault((i, level), {})[ev] = (d, cap, raw, corr_ts, r, bool(ambiguous_with))
+                        for other_i, dt_ms in ambiguous_with:
+                            self._kl_ambiguous[(i, level)].append(
+                                f"{ev} on {self.lcd[t]['client']} > {self.lcd[t]['server']}: the record of flow "
+                                f"{other_i} fits as well (times {dt_ms:.3f} ms apart)")
         # the stream's end: the later END_STREAM of the two directions (as a decrypted stream's end_ts)
         for key, evs in self._kl.items():
             a, b = evs.pop("end_c2s", None), evs.pop("end_s2c", None)
             if a is not None and b is not None:
                 evs["fin" if a[3] >= b[3] else "fin_s2c"] = a if a[3] >= b[3] else b
+        self._keyless_stream_ids(lists, taken)
+
+    def _assign_records(self, rows: list[tuple], recs: list[tuple], d: int, used: set[int]):
+        """Records for events of one HBONE connection and direction: rows (low, high, flow, event, class, size),
+        sorted by low; recs (corrected ts, capture, raw ts, InferredRecord) in time order. A minimum cost
+        assignment (scipy's Hungarian method when available, else greedy in row order) per group of rows whose
+        candidate records overlap. Yields (row, record position, [(other flow, ms apart)] when a swap with
+        another row's record costs the same)."""
+        times = [x[0] for x in recs]
+        options: list[dict[int, float]] = []
+        for low, high, i, ev, cls, size in rows:
+            ok, preferred = KEYLESS_KINDS[(cls, d)]
+            j0 = bisect.bisect_left(times, low - KEYLESS_TOL)
+            j1 = bisect.bisect_right(times, high + KEYLESS_TOL) if high is not None else len(recs)
+            opts: dict[int, float] = {}
+            for relaxed, (a, b) in enumerate(((j0, j1), (j1, len(recs)))):
+                for j in range(a, b):
+                    r = recs[j][3]
+                    if r.index in used or r.kind not in ok:
+                        continue
+                    primary = 4.0 * relaxed + (0.0 if r.kind == preferred else 0.25)
+                    if size:
+                        primary += 0.0 if (r.payload in size or data_payload(r.h2_bytes) in size) else 2.0
+                    gap_ms = min(max(times[j] - low, 0) / MS, 999.0)
+                    opts[j] = primary * 1e7 + gap_ms * gap_ms
+                    if len(opts) >= KEYLESS_OPTIONS:
+                        break
+                if opts:
+                    break        # records past the upper bound only when none fits inside it
+            options.append(opts)
+        # groups of rows that compete for records (overlapping ranges of candidate positions)
+        order = sorted(range(len(rows)), key=lambda k: min(options[k], default=-1))
+        groups, cur, reach = [], [], -1
+        for k in order:
+            if not options[k]:
+                continue
+            lo_j, hi_j = min(options[k]), max(options[k])
+            if cur and lo_j > reach:
+                groups.append(cur)
+                cur, reach = [], -1
+            cur.append(k)
+            reach = max(reach, hi_j)
+        if cur:
+            groups.append(cur)
+        for g in groups:
+            cols = sorted({j for k in g for j in options[k]})
+            pick = _min_cost_assignment([[options[k].get(j, np.inf) for j in cols] for k in g])
+            chosen = {g[a]: cols[b] for a, b in pick}
+            for k, j in chosen.items():
+                swaps = []
+                for k2, j2 in chosen.items():
+                    if k2 == k or rows[k2][3] != rows[k][3] or j2 not in options[k] or j not in options[k2]:
+                        continue
+                    if int(options[k][j2] // 1e7) == int(options[k][j] // 1e7) and \
+                            int(options[k2][j] // 1e7) == int(options[k2][j2] // 1e7) and options[k][j] < 4e7:
+                        swaps.append((rows[k2][2] + 1, abs(times[j] - times[j2]) / MS))
+                yield rows[k], j, swaps
+
+    def _keyless_stream_ids(self, lists: dict, taken: dict) -> None:
+        """HTTP/2 stream ids of the keyless HBONE hops: on each connection seen from its handshake, the records
+        assigned to CONNECTs and the records labelled HEADERS that no other event took are the streams it opened,
+        numbered in order (client streams are odd and increase: the n-th is 2n-1)."""
+        self._kl_stream: dict[tuple[int, int], int] = {}
+        for (t, d), recs in lists.items():
+            if d != 0 or not any(x[3].kind == "handshake" for x in recs):
+                continue
+            mine = taken.get((t, d), {})
+            n = 0
+            for x in sorted(recs, key=lambda x: x[3].index):
+                r = x[3]
+                ev = mine.get(r.index)
+                if (ev is not None and ev[0] == "connect") or (ev is None and r.kind == "headers"):
+                    n += 1
+                    if ev is not None:
+                        self._kl_stream[ev[1]] = 2 * n - 1
 
     def _keyless_hop(self, f: _Flow, idx: int, t: int, first: bool = True, last: bool = True) -> dict:
         """The HBONE hop of a flow tied without keys. Its events are the TCP segments of the HBONE connection
@@ -1075,11 +1282,11 @@ class _Correlator:
                 if row:
                     row["inferred"] = True
                     events.append(row)
-                    if ambiguous:
-                        f.reasons.append(f"{ev} on {lc['client']} > {lc['server']}: another stream's record "
-                                         f"of the same size within {AMBIGUOUS_NS / MS:g} ms (time ambiguous)")
+            for why in dict.fromkeys(self._kl_ambiguous.get((fi, level), [])):
+                f.reasons.append(f"time ambiguous: {why}")
             return {"hop": f"{clabel} -> {slabel}", "hop_index": idx, "kind": "hbone",
-                    "connection": f"{lc['client']} > {lc['server']}", "tunnel_ids": None, "stream_id": None,
+                    "connection": f"{lc['client']} > {lc['server']}", "tunnel_ids": None,
+                    "stream_id": self._kl_stream.get((fi, level)),
                     "events": events, "lconn": t, "server_label": slabel,
                     "server_capture": sv_list[0] if sv_list else None,
                     "client_capture": cl_list[0] if cl_list else None}
@@ -1202,9 +1409,10 @@ class _Correlator:
                                                              else None),
             "hbone_server": first_s.server if first_s else (self.lcd[f.tunnel]["server"] if f.tunnel is not None
                                                              else None),
-            "stream_id": first_s.stream_id if first_s else None,
+            "stream_id": first_s.stream_id if first_s else (hb[0]["stream_id"] if hb else None),
             "tunnel_ids": " | ".join(h["tunnel_ids"] or "" for h in hb) or None,
-            "stream_ids": ";".join(str(h["stream_id"]) for h in hb) or None,
+            "stream_ids": ";".join("" if h["stream_id"] is None else str(h["stream_id"]) for h in hb).strip(";")
+            or None,
             "status": int(status) if status is not None and pd.notna(status) else None,
             "trace_id": first_s.info("trace_id") if first_s else None,
             "start": start, "end": end, "bytes_c2s": b_c2s, "bytes_s2c": b_s2c,
@@ -1258,6 +1466,31 @@ class _Correlator:
 
     def _anom(self, capture, kind, detail) -> None:
         self.anoms.append({"capture": capture, "index": None, "layer": "correlation", "kind": kind, "detail": detail})
+
+
+def _min_cost_assignment(cost: list[list[float]]) -> list[tuple[int, int]]:
+    """(row, column) pairs of a minimum cost one-to-one assignment; np.inf marks forbidden pairs. scipy's
+    Hungarian method when installed and the matrix is small enough, else greedy cheapest-first."""
+    if not cost or not cost[0]:
+        return []
+    m = np.asarray(cost, dtype=np.float64)
+    finite = np.isfinite(m)
+    if m.size <= 250_000:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            linear_sum_assignment = None
+        if linear_sum_assignment is not None:
+            big = (np.max(m[finite]) + 1.0) * (m.shape[0] + 1) if finite.any() else 1.0
+            r, c = linear_sum_assignment(np.where(finite, m, big))
+            return [(int(a), int(b)) for a, b in zip(r, c) if finite[a, b]]
+    out, rows, cols = [], set(), set()
+    for a, b in sorted(zip(*np.nonzero(finite)), key=lambda ab: (m[ab[0], ab[1]], ab[0])):
+        if a not in rows and b not in cols:
+            rows.add(a)
+            cols.add(b)
+            out.append((int(a), int(b)))
+    return out
 
 
 def _is_ip(v) -> bool:

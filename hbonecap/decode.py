@@ -18,6 +18,7 @@ from hbonecap.capture.records import RecordBatch
 from hbonecap.config import DEFAULT_CONFIG, LINKTYPE_NAMES, DecodeConfig
 from hbonecap.layers import context as K
 from hbonecap.layers.context import DecodeContext
+from hbonecap.layers.keys import NOT_PACKED, address_keys, encap_keys, factorize
 from hbonecap.layers.unwrap import decode_batch
 
 PROTO_NAMES = {K.P_TCP: "tcp", K.P_UDP: "udp", K.P_ICMP: "icmp", K.P_ICMPV6: "icmpv6", K.P_ARP: "arp",
@@ -41,10 +42,14 @@ class Interner:
 
         Rows are factorised by hashing (pandas.factorize), column word by column word, so the cost is linear in
         the number of packets; only the distinct keys reach Python."""
-        codes, first = _row_codes(keys)
-        local = np.empty(len(first), dtype=np.int32)
-        for j, pos in enumerate(first.tolist()):
-            kb = keys[pos].tobytes() if keys.ndim == 2 else int(keys[pos])
+        if keys.ndim == 1:
+            codes, distinct = factorize(keys)
+            found = distinct.tolist()
+        else:
+            codes, first = _row_codes(keys)
+            found = [keys[pos].tobytes() for pos in first.tolist()]
+        local = np.empty(len(found), dtype=np.int32)
+        for j, kb in enumerate(found):
             c = self.by_key.get(kb)
             if c is None:
                 s = self.to_str(kb)
@@ -101,9 +106,8 @@ def _address(key: bytes | int) -> str | None:
 
 def encode_addresses(interner: Interner, ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
     """Codes of an address column: IPv4 (and absent) addresses as one integer each, IPv6 as 17-byte rows."""
-    v6 = ver == 6
-    v4 = np.ascontiguousarray(addr[:, :4]).view(">u4").ravel().astype(np.int64)
-    key = np.where(ver == 4, (np.int64(4) << 32) | v4, 0)
+    key = address_keys(ver, addr)
+    v6 = key == NOT_PACKED
     if not v6.any():
         return interner.encode(key)
     codes = np.empty(len(ver), dtype=np.int32)
@@ -139,21 +143,19 @@ def _encap(key: bytes | int) -> str:
 def encode_encaps(interner: Interner, depth: np.ndarray, tun_type: np.ndarray, tun_vni: np.ndarray) -> np.ndarray:
     """Codes of the encap column. Up to two levels with 24-bit VNIs (every Geneve and VXLAN VNI) pack into one
     integer per packet; deeper nesting uses a row of (depth, type, vni, type, vni, ...)."""
-    n, d = tun_type.shape
-    if n and int(depth.max()) == 0:
-        return interner.encode(np.zeros(n, dtype=np.int64))
-    if d <= 2 and (n == 0 or (int(tun_vni.min()) >= 0 and int(tun_vni.max()) < 1 << 24)):
-        key = depth.astype(np.int64)
-        for lvl, shift in ((0, 4), (1, 32))[:d]:
-            on = depth > lvl
-            key |= np.where(on, (tun_type[:, lvl].astype(np.int64) & 0xF) << shift, 0)
-            key |= np.where(on, tun_vni[:, lvl] << (shift + 4), 0)
+    key = encap_keys(depth, tun_type, tun_vni)
+    deep = key == NOT_PACKED
+    if not deep.any():
         return interner.encode(key)
-    ek = np.zeros((n, 1 + 2 * d), dtype=np.int64)
-    ek[:, 0] = depth
-    ek[:, 1::2] = tun_type
-    ek[:, 2::2] = tun_vni
-    return interner.encode(ek.view(np.uint8).reshape(n, -1))
+    codes = np.empty(len(depth), dtype=np.int32)
+    codes[~deep] = interner.encode(key[~deep])
+    m, d = int(deep.sum()), tun_type.shape[1]
+    ek = np.zeros((m, 1 + 2 * d), dtype=np.int64)
+    ek[:, 0] = depth[deep]
+    ek[:, 1::2] = tun_type[deep]
+    ek[:, 2::2] = tun_vni[deep]
+    codes[deep] = interner.encode(ek.view(np.uint8).reshape(m, -1))
+    return codes
 
 
 INT_COLUMNS = ("ifindex", "pkttype", "vlan", "vni", "tunnel_options", "outer_sport", "outer_dport", "ip_version",

@@ -1,9 +1,18 @@
-"""Decode benchmark: hbonecap against tshark and a dpkt parse loop on the same synthetic capture, in one run.
+"""Decode benchmark: hbonecap against tshark and a dpkt parse loop on the same synthetic capture, in one run, and
+the memory check on a multi-gigabyte capture set.
 
-    python benchmarks/run.py [--packets 1000000] [--skip-tshark] [--skip-dpkt]
+    python benchmarks/run.py [--packets 1000000] [--skip-tshark] [--skip-dpkt] [--memory-set GB] [--jobs N]
 
-Each contender runs in its own process; the table gives wall time, packets/s, MB/s of capture, peak resident
-memory (ru_maxrss of that process) and the ratio of hbonecap's packets/s to each baseline.
+Each contender runs in its own process. The table gives wall time (interpreter start-up and imports included),
+CPU time (user + system of the process and its children), packets per wall second and per CPU second, MB/s of
+capture per wall second, peak resident memory (ru_maxrss from wait4: the largest process) and the ratio of
+packets per wall second to each baseline. The API row also reports the in-process throughput of
+`decode_capture` alone (after imports and after loading the compiled kernels from numba's cache).
+
+`--memory-set GB`: a capture set of about GB gigabytes (hard links to the generated file under distinct names:
+independent capture points of the same traffic) decoded by `hbonecap decode -f parquet -o DIR/` (streaming, one
+Parquet file per capture point, `--jobs` processes) and by the API's streaming form (`PacketStream`), with their
+peak RSS; and the in-memory API table (`decode_capture`) of one file, whose RSS grows with the file.
 """
 from __future__ import annotations
 
@@ -39,23 +48,130 @@ with open(sys.argv[1], 'rb') as f:
 print(n)
 """
 
+# The whole table in memory; prints the in-process decode time (wall and CPU) of the file after a warm-up that
+# loads numba's cached kernels.
 DECODE_INPROC = r"""
-import sys
+import sys, time
 from hbonecap.decode import decode_capture
+decode_capture(sys.argv[2])
+t, c = time.perf_counter(), time.process_time()
 r = decode_capture(sys.argv[1])
-print(len(r.packets))
+print(len(r.packets), time.perf_counter() - t, time.process_time() - c)
+"""
+
+# The streaming API over a capture set: parts are dropped as they come.
+STREAM_INPROC = r"""
+import sys, time
+from hbonecap.decode import PacketStream
+n = 0
+t, c = time.perf_counter(), time.process_time()
+for path in sys.argv[1:]:
+    for part in PacketStream(path):
+        n += len(part)
+print(n, time.perf_counter() - t, time.process_time() - c)
 """
 
 
-def run(cmd: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one command."""
+def run(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system, children included), peak RSS (MB) and stdout of one command."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
+
+
+def capture(packets: int) -> Path:
+    sys.path.insert(0, str(HERE))
+    from generate import generate
+
+    DATA.mkdir(exist_ok=True)
+    f = DATA / f"bench-{packets}.pcap"
+    if not f.exists():
+        generate(str(f), packets)
+    return f
+
+
+def decode_table(a) -> None:
+    f = capture(a.packets)
+    warm = capture(20_000)
+    size_mb = f.stat().st_size / 1e6
+    hb = shutil.which("hbonecap") or "hbonecap"
+    rows = []
+    run([sys.executable, "-c", DECODE_INPROC, str(warm), str(warm)])       # numba's cache is filled
+    wall, cpu, rss, out = run([sys.executable, "-c", DECODE_INPROC, str(f), str(warm)])
+    n, dec_wall, dec_cpu = out.split()
+    rows.append(("hbonecap decode (API, packets table in memory)", wall, cpu, rss))
+    out_dir = DATA / "bench-packets"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    rows.append(("hbonecap decode CLI -> parquet (streaming)",)
+                + run([hb, "decode", str(f), "-f", "parquet", "-o", str(out_dir) + "/"])[:3])
+    if not a.skip_tshark and shutil.which("tshark"):
+        rows.append(("tshark -T fields",) + run(["tshark", "-r", str(f), "-T", "fields", "-e", "frame.time_epoch",
+                                                 "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e",
+                                                 "tcp.dstport", "-e", "geneve.vni"])[:3])
+    if not a.skip_dpkt:
+        rows.append(("dpkt parse loop",) + run([sys.executable, "-c", DPKT_LOOP, str(f)])[:3])
+    help_wall = min(run([hb, "--help"])[0] for _ in range(3))
+    base = {name: a.packets / wall for name, wall, _, _ in rows}
+    print(f"# decode benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()} {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# file: {a.packets:,} packets, {size_mb:.0f} MB\n")
+    print("| contender | wall s | CPU s | packets/s (wall) | packets/CPU-s | MB/s | peak RSS MB | x tshark | x dpkt |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, wall, cpu, rss in rows:
+        pps = a.packets / wall
+        xt = pps / base["tshark -T fields"] if "tshark -T fields" in base else float("nan")
+        xd = pps / base["dpkt parse loop"] if "dpkt parse loop" in base else float("nan")
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {pps:,.0f} | {a.packets / cpu:,.0f} | {size_mb / wall:,.0f} | "
+              f"{rss:,.0f} | {xt:.1f} | {xd:.1f} |")
+    dw, dc = float(dec_wall), float(dec_cpu)
+    print(f"\nIn process, `decode_capture` alone (no start-up): {int(n):,} packets in {dw:.2f} s wall / {dc:.2f} s CPU:"
+          f" {int(n) / dw:,.0f} packets/s wall, {int(n) / dc:,.0f} packets per CPU second, {size_mb / dw:,.0f} MB/s.")
+    if "tshark -T fields" in base:
+        print(f"In-process decode vs tshark: {int(n) / dw / base['tshark -T fields']:,.0f}x packets/s.")
+    print(f"`hbonecap --help`: {help_wall:.2f} s (best of 3).")
+
+
+def memory_check(a) -> None:
+    f = capture(a.packets)
+    per = f.stat().st_size
+    count = max(1, round(a.memory_set * 1e9 / per))
+    set_dir = DATA / f"memory-set-{count}x{a.packets}"
+    set_dir.mkdir(exist_ok=True)
+    files = []
+    for i in range(count):
+        link = set_dir / f"node{i}.pcap"
+        if not link.exists():
+            os.link(f, link)
+        files.append(str(link))
+    total = per * count
+    hb = shutil.which("hbonecap") or "hbonecap"
+    out_dir = DATA / "memory-set-parquet"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    rows = []
+    wall, cpu, rss, _ = run([hb, "decode", *files, "-f", "parquet", "-o", str(out_dir) + "/", "-j", str(a.jobs)])
+    rows.append((f"CLI decode -f parquet -o DIR/ -j {a.jobs} (streaming)", a.packets * count, wall, cpu, rss))
+    written = sum(p.stat().st_size for p in out_dir.iterdir())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    wall, cpu, rss, out = run([sys.executable, "-c", STREAM_INPROC, *files])
+    rows.append(("API PacketStream over the set (1 process)", int(out.split()[0]), wall, cpu, rss))
+    for k in (1, 2) if count >= 2 else (1,):
+        wall, cpu, rss, _ = run([sys.executable, "-c", STREAM_INPROC, *files[:k]])
+        rows.append((f"API PacketStream, {k} file(s)", a.packets * k, wall, cpu, rss))
+    wall, cpu, rss, out = run([sys.executable, "-c", DECODE_INPROC, files[0], str(capture(20_000))])
+    rows.append(("API decode_capture, 1 file, whole table in memory", a.packets, wall, cpu, rss))
+    print(f"\n# memory check: {count} captures of {a.packets:,} packets, {total / 1e9:.2f} GB in all "
+          f"(Parquet written: {written / 1e9:.2f} GB)\n")
+    print("| run | packets | wall s | CPU s | packets/s (wall) | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, n, wall, cpu, rss in rows:
+        print(f"| {name} | {n:,} | {wall:.1f} | {cpu:.1f} | {n / wall:,.0f} | {rss:,.0f} |")
+    if a.cleanup:
+        shutil.rmtree(set_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -63,39 +179,15 @@ def main() -> None:
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--skip-tshark", action="store_true")
     ap.add_argument("--skip-dpkt", action="store_true")
+    ap.add_argument("--skip-table", action="store_true", help="only the memory check")
+    ap.add_argument("--memory-set", type=float, default=0.0, help="GB of captures for the memory check (0: none)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cleanup", action="store_true", help="remove the memory set's links afterwards")
     a = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    from generate import generate
-
-    DATA.mkdir(exist_ok=True)
-    f = DATA / f"bench-{a.packets}.pcap"
-    if not f.exists():
-        generate(str(f), a.packets)
-    size_mb = f.stat().st_size / 1e6
-    hb = shutil.which("hbonecap") or "hbonecap"
-    rows = []
-    # warm the compiled walker's cache so every contender is timed steady-state
-    run([sys.executable, "-c", DECODE_INPROC, str(f)])
-    rows.append(("hbonecap decode (API, packets table)",) + run([sys.executable, "-c", DECODE_INPROC, str(f)]))
-    out = DATA / "bench-packets.parquet"
-    rows.append(("hbonecap decode CLI -> parquet",) + run([hb, "decode", str(f), "-f", "parquet", "-o", str(out)]))
-    if not a.skip_tshark and shutil.which("tshark"):
-        rows.append(("tshark -T fields",) + run(["tshark", "-r", str(f), "-T", "fields", "-e", "frame.time_epoch",
-                                                 "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e",
-                                                 "tcp.dstport", "-e", "geneve.vni"]))
-    if not a.skip_dpkt:
-        rows.append(("dpkt parse loop",) + run([sys.executable, "-c", DPKT_LOOP, str(f)]))
-    base = {name: a.packets / wall for name, wall, _ in rows}
-    print(f"# decode benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
-    print(f"# file: {a.packets} packets, {size_mb:.0f} MB\n")
-    print("| contender | wall s | packets/s | MB/s | peak RSS MB | x tshark | x dpkt |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, wall, rss in rows:
-        pps = a.packets / wall
-        xt = pps / base["tshark -T fields"] if "tshark -T fields" in base else float("nan")
-        xd = pps / base["dpkt parse loop"] if "dpkt parse loop" in base else float("nan")
-        print(f"| {name} | {wall:.2f} | {pps:,.0f} | {size_mb / wall:,.0f} | {rss:,.0f} | {xt:.1f} | {xd:.1f} |")
+    if not a.skip_table:
+        decode_table(a)
+    if a.memory_set:
+        memory_check(a)
 
 
 if __name__ == "__main__":

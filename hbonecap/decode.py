@@ -405,7 +405,7 @@ def decode_capture(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None
 
 
 def write_packets(paths, out: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1,
-                  columns: list[str] | None = None, rows: int = 1 << 20) -> tuple[int, pd.DataFrame]:
+                  columns: list[str] | None = None, rows: int = 1 << 18) -> tuple[int, pd.DataFrame]:
     """Stream the packets table of captures to Parquet with bounded memory (`hbonecap decode -f parquet -o`).
 
     `paths`: files, globs or directories, grouped into capture points as `analyze` does. `out`: one Parquet file
@@ -456,7 +456,7 @@ def _write_points(points: list[tuple], path: Path, config: DecodeConfig, columns
                     part = part[columns]
                 if schema is None:
                     schema = _parquet_schema(part)
-                    writer = pq.ParquetWriter(str(path), schema)
+                    writer = pq.ParquetWriter(str(path), schema, use_dictionary=_dictionary_columns(schema))
                 if len(part):
                     writer.write_table(pa.Table.from_pandas(part, preserve_index=False).cast(schema))
                     written += len(part)
@@ -465,7 +465,8 @@ def _write_points(points: list[tuple], path: Path, config: DecodeConfig, columns
         if writer is None:                     # no capture point at all: an empty table with the schema
             empty = tables.empty("packets")
             empty = empty[columns] if columns else empty
-            writer = pq.ParquetWriter(str(path), _parquet_schema(empty))
+            schema = _parquet_schema(empty)
+            writer = pq.ParquetWriter(str(path), schema, use_dictionary=_dictionary_columns(schema))
     except BaseException:
         if writer is not None:
             writer.close()
@@ -473,6 +474,14 @@ def _write_points(points: list[tuple], path: Path, config: DecodeConfig, columns
         raise
     writer.close()
     return written, tables.concat("anomalies", anomalies)
+
+
+def _dictionary_columns(schema) -> list[str]:
+    """Parquet dictionary encoding for the categorical columns only: on counters and timestamps it costs a third
+    of the write time and saves nothing."""
+    import pyarrow as pa
+
+    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
 
 
 def _parquet_schema(frame: pd.DataFrame):

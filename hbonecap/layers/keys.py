@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:      # pragma: no cover - numba is a declared dependency; the fallback keeps the module usable
-    numba = None
+import importlib.util
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+_KERNELS: dict = {}
 
 NOT_PACKED = np.int64(-1)     # key of a row that does not pack into 64 bits
 
@@ -45,7 +45,12 @@ def _encap_keys_py(depth: np.ndarray, tun_type: np.ndarray, tun_vni: np.ndarray)
     return np.where(ok, key, NOT_PACKED)
 
 
-if numba is not None:
+def _kernels() -> dict:
+    """The compiled kernels, built (or loaded from numba's cache) on first use: importing numba costs time."""
+    if _KERNELS:
+        return _KERNELS
+    import numba
+
     @numba.njit(cache=True, nogil=True)
     def _rehash(uniques, m, bits):
         size = 1 << bits
@@ -83,21 +88,6 @@ if numba is not None:
             codes[i] = u
         return n, m
 
-    def _factorize_nb(keys):
-        n = len(keys)
-        bits = 10
-        slots = np.full(1 << bits, -1, dtype=np.int64)     # index into uniques, -1 empty
-        uniques = np.empty(1 << bits, dtype=np.int64)
-        codes = np.empty(n, dtype=np.int32)
-        i, m = 0, 0
-        while True:
-            i, m = _factorize_run(keys, i, codes, slots, uniques, m, bits)
-            if i >= n:
-                return codes, uniques[:m].copy()
-            bits += 1                                      # keep the load under one half: twice as large
-            uniques = np.concatenate([uniques[:m], np.empty((1 << bits) - m, dtype=np.int64)])
-            slots = _rehash(uniques, m, bits)
-
     @numba.njit(cache=True, nogil=True)
     def _address_keys_nb(ver, addr):
         n = ver.shape[0]
@@ -131,25 +121,46 @@ if numba is not None:
             out[i] = key if ok else -1
         return out
 
+    _KERNELS.update(factorize_run=_factorize_run, rehash=_rehash, address_keys=_address_keys_nb,
+                    encap_keys=_encap_keys_nb)
+    return _KERNELS
+
+
+def _factorize_nb(keys):
+    k = _kernels()
+    n = len(keys)
+    bits = 10
+    slots = np.full(1 << bits, -1, dtype=np.int64)     # index into uniques, -1 empty
+    uniques = np.empty(1 << bits, dtype=np.int64)
+    codes = np.empty(n, dtype=np.int32)
+    i, m = 0, 0
+    while True:
+        i, m = k["factorize_run"](keys, i, codes, slots, uniques, m, bits)
+        if i >= n:
+            return codes, uniques[:m].copy()
+        bits += 1                                      # keep the load under one half: twice as large
+        uniques = np.concatenate([uniques[:m], np.empty((1 << bits) - m, dtype=np.int64)])
+        slots = k["rehash"](uniques, m, bits)
+
 
 def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int32 codes in order of first appearance, the distinct keys) of an int64 array."""
     keys = np.ascontiguousarray(keys, dtype=np.int64)
-    if numba is None:
+    if not HAVE_NUMBA:
         return _factorize_py(keys)
     return _factorize_nb(keys)
 
 
 def address_keys(ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
     """One key per packet: (4 << 32) | IPv4 address, 0 when there is no address, NOT_PACKED for IPv6."""
-    if numba is None:
+    if not HAVE_NUMBA:
         return _address_keys_py(ver, addr)
-    return _address_keys_nb(np.ascontiguousarray(ver), np.ascontiguousarray(addr))
+    return _kernels()["address_keys"](np.ascontiguousarray(ver), np.ascontiguousarray(addr))
 
 
 def encap_keys(depth: np.ndarray, tun_type: np.ndarray, tun_vni: np.ndarray) -> np.ndarray:
     """One key per packet: depth | type0 << 4 | vni0 << 8 | type1 << 32 | vni1 << 36 (levels below the depth
     only); NOT_PACKED for more than two levels or a VNI outside 24 bits."""
-    if numba is None:
+    if not HAVE_NUMBA:
         return _encap_keys_py(depth, tun_type, tun_vni)
-    return _encap_keys_nb(np.ascontiguousarray(depth), np.ascontiguousarray(tun_type), np.ascontiguousarray(tun_vni))
+    return _kernels()["encap_keys"](np.ascontiguousarray(depth), np.ascontiguousarray(tun_type), np.ascontiguousarray(tun_vni))

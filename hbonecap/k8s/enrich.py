@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 
 from hbonecap.k8s.inventory import Inventory, Owner, Resolution
+from hbonecap.k8s.inventory import _norm_ip as norm_ip
 
 NAT = np.iinfo(np.int64).min
+UNTIMED = "\0untimed"      # marks a lookup made only to find which values depend on the time
 
 
 def split_endpoint(text) -> tuple[str | None, int | None]:
@@ -50,34 +52,81 @@ class Resolver:
 
     def __init__(self, inv: Inventory) -> None:
         self.inv = inv
-        self.cache: dict[tuple, Resolution] = {}
+        self.cache: dict[object, Resolution] = {}                # ip, or (ip, port) for Service ports
+        self.split_cache: dict[str, tuple[str | None, int | None]] = {}
         self.ambiguous: dict[str, tuple[str, str]] = {}     # ip -> (capture, detail)
 
     def endpoint(self, text, ts: int, capture: str | None = None, ip_only: bool = False) -> Resolution:
-        ip, port = split_endpoint(text)
+        parsed = self.split_cache.get(text)
+        if parsed is None:
+            parsed = self.split_cache[text] = split_endpoint(text) if isinstance(text, str) else (None, None)
+        ip, port = parsed
         if ip is None:
             return Resolution()
         if ip_only:
             port = None
-        key = (ip, port)
-        r = self.cache.get(key)
+        r = self.cache.get(ip)
         if r is None:
-            r = self.cache[key] = self.inv.resolve_endpoint(ip, port, None)
+            r = self.cache[ip] = self.inv.resolve_ip(ip, None)
+        if port is not None and ((r.status == "node" and (port, "TCP") in self.inv.node_ports) or
+                                 (norm_ip(ip), port, "TCP") in self.inv.services):
+            key = (ip, port)          # a Service port, or a NodePort on a node: resolved with its port
+            full = self.cache.get(key)
+            if full is None:
+                full = self.cache[key] = self.inv.resolve_endpoint(ip, port, None)
+            if full.status == "service":
+                return full
         if r.status == "ambiguous" and len({o.key for o in r.candidates}) > 1:
             timed = self.inv.resolve_endpoint(ip, port, None if ts == NAT else int(ts))
-            if timed.status == "ambiguous" and ip not in self.ambiguous:
+            if timed.status == "ambiguous" and ip not in self.ambiguous and capture != UNTIMED:
                 why = "the capture time is unknown" if ts == NAT else \
                     "the snapshots carry no times that decide" if any(
                         o.start is None and o.end is None and not o.seen for o in r.candidates) else \
                     "several owners' lifetimes cover the capture time"
                 self.ambiguous[ip] = (capture or "k8s", f"{ip} belonged to {r.name} ({why})")
             return timed
+        if port is not None and r.name and r.status in ("pod", "node"):
+            return Resolution(f"{r.name}:{port}", r.node, r.owner, None, r.status, r.candidates)
         return r
 
     def column(self, df: pd.DataFrame, col: str, ts: np.ndarray, ip_only: bool = False) -> list[Resolution]:
+        """Resolutions of one address column: each distinct value once, unless its owner depends on the time."""
         caps = df["capture"].astype(object).tolist() if "capture" in df.columns else [None] * len(df)
-        return [self.endpoint(v, int(t), c, ip_only) for v, t, c in zip(df[col].tolist(), ts, caps)]
+        codes, uniques = pd.factorize(df[col].astype(object), use_na_sentinel=True)
+        untimed = [self.endpoint(u, NAT, UNTIMED, ip_only) for u in uniques]
+        timed = [r.status == "ambiguous" and len({o.key for o in r.candidates}) > 1 for r in untimed]
+        out = []
+        empty = Resolution()
+        for k, (code, t, c) in enumerate(zip(codes.tolist(), ts.tolist(), caps)):
+            if code < 0:
+                out.append(empty)
+            elif timed[code]:
+                out.append(self.endpoint(uniques[code], int(t), c, ip_only))
+            else:
+                out.append(untimed[code])
+        return out
 
+
+    def names(self, df: pd.DataFrame, col: str, ts: np.ndarray) -> tuple[pd.Series, pd.Series]:
+        """Names and nodes of a large address column: each distinct value is resolved once, only values whose
+        address had several owners look at the row's time."""
+        codes, uniques = pd.factorize(df[col].astype(object), use_na_sentinel=True)
+        k = len(uniques)
+        names_u = np.empty(k + 1, dtype=object)      # the last slot serves missing values (code -1)
+        nodes_u = np.empty(k + 1, dtype=object)
+        timed_u = np.zeros(k + 1, dtype=bool)
+        for n, text in enumerate(uniques):
+            r = self.endpoint(text, NAT, UNTIMED)
+            names_u[n], nodes_u[n] = r.name, r.node
+            timed_u[n] = r.status == "ambiguous" and len({o.key for o in r.candidates}) > 1
+        names, nodes = names_u[codes], nodes_u[codes]
+        rows = np.flatnonzero(timed_u[codes])
+        if len(rows):
+            caps = df["capture"].astype(object).to_numpy() if "capture" in df.columns else np.full(len(df), None)
+            for row in rows:
+                r = self.endpoint(uniques[codes[row]], int(ts[row]), caps[row])
+                names[row], nodes[row] = r.name, r.node
+        return pd.Series(names, dtype="string"), pd.Series(nodes, dtype="string")
 
 def _names(res: list[Resolution]) -> pd.Series:
     return pd.Series([r.name for r in res], dtype="string")
@@ -118,20 +167,20 @@ def enrich(a, inv: Inventory) -> list[tuple]:
     c = a.connections
     if len(c):
         ts = _ns(c["first_ts"], len(c))
-        cl, sv = rv.column(c, "client", ts), rv.column(c, "server", ts)
-        a.connections = c.assign(client_name=_names(cl).values, server_name=_names(sv).values,
-                                 client_node=_nodes(cl).values, server_node=_nodes(sv).values)
+        (cn, cnode), (sn, snode) = rv.names(c, "client", ts), rv.names(c, "server", ts)
+        a.connections = c.assign(client_name=cn.values, server_name=sn.values, client_node=cnode.values,
+                                 server_node=snode.values)
 
     q = a.requests
     if len(q):
         ts = _ns(q["request_ts"].fillna(q["response_ts"]), len(q))
-        a.requests = q.assign(client_name=_names(rv.column(q, "client", ts)).values,
-                              server_name=_names(rv.column(q, "server", ts)).values)
+        a.requests = q.assign(client_name=rv.names(q, "client", ts)[0].values,
+                              server_name=rv.names(q, "server", ts)[0].values)
 
     s = a.streams
     if len(s):
         ts = _ns(s["request_ts"], len(s))
-        a.streams = s.assign(original_dst_name=_names(rv.column(s, "original_dst", ts)).values)
+        a.streams = s.assign(original_dst_name=rv.names(s, "original_dst", ts)[0].values)
 
     t = a.tunnels
     if len(t):

@@ -611,6 +611,7 @@ def as_inventory(k8s) -> Inventory | None:
 
 
 def _norm_ip(ip: str) -> str:
+    """An address as the index keys it: brackets dropped, IPv6 in its canonical form."""
     ip = ip.strip().strip("[]")
     if ":" in ip:
         try:

@@ -74,12 +74,14 @@ class CaptureResult:
 
 
 def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
-                    name: str | None = None, keylog=None, streams: bool = True) -> CaptureResult:
+                    name: str | None = None, keylog=None, streams: bool = True,
+                    embedded_keys: bool = True) -> CaptureResult:
     """Decode one capture point (a file, or its rotated files in order) and derive its per-capture tables.
     Raises CaptureError for a file that is not a capture.
 
     keylog: a `KeyLog` (not modified); TLS secrets embedded in the capture (pcapng DSBs) are added to a copy.
     streams: run the stream stages (TCP reassembly, TLS, HTTP/2, HBONE) over the TCP segments.
+    embedded_keys: use the TLS secrets of pcapng Decryption Secrets Blocks (False: counted, not used).
     """
     import copy
 
@@ -98,7 +100,7 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
 
     def feed(reader, batch, ctx) -> None:
         nonlocal used_secrets
-        found = getattr(reader.walker, "secrets", [])
+        found = getattr(reader.walker, "secrets", []) if embedded_keys else ()
         while used_secrets < len(found):
             analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
             used_secrets += 1
@@ -338,13 +340,15 @@ def write_table(df: pd.DataFrame, path: Path, format: str) -> None:
 def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[str, str] | None = None,
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, scheduler=None, engine: str = "pandas",
             on_error: str = "raise", streams: bool = True, correlate: bool = True,
-            progress: Callable[[str, int, int], None] | None = None, k8s=None) -> Analysis:
+            progress: Callable[[str, int, int], None] | None = None, k8s=None,
+            embedded_keys: bool = True) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
     `tcpdump -G`: time-stamped names) are one capture, read in order. keylog: an NSS key log file (TLS secrets
     embedded in pcapng files are used too). points: {file name: "ROLE[@NODE]"}, or the path of a TOML/YAML
-    manifest, overrides the capture-point guess.
+    manifest, overrides the capture-point guess. embedded_keys: use TLS secrets embedded in pcapng files (False:
+    ignore them, e.g. to see what a keyless analysis of those captures gives).
     jobs: local processes, one capture point each (None: one per core). scheduler: a Dask scheduler address
     ("tcp://host:8786") or a `dask.distributed.Client`: one task per capture point on the cluster (retried if a
     worker dies). engine: "pandas", or "dask" to keep the packets table as a Dask DataFrame on the cluster
@@ -392,7 +396,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     for base, members in groups:
         pt = assigned.get(os.path.basename(base)) or assigned.get(base) or \
             next((assigned[os.path.basename(m)] for m in members if os.path.basename(m) in assigned), None)
-        args.append((members if len(members) > 1 else members[0], config, pt, names[base], kl, streams))
+        args.append((members if len(members) > 1 else members[0], config, pt, names[base], kl, streams,
+                     embedded_keys))
     results: list[CaptureResult] = []
     errors: list[tuple] = []
     labels = [g[0] for g in groups]
@@ -544,9 +549,9 @@ def _unique_names(files: list[str]) -> dict[str, str]:
     return out
 
 
-def _safe_analyze(path, config, point, name, keylog, streams):
+def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True):
     try:
-        return analyze_capture(path, config, point, name, keylog, streams), None
+        return analyze_capture(path, config, point, name, keylog, streams, embedded_keys), None
     except CaptureError as e:
         return None, e
 

@@ -65,14 +65,25 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
     if "pod" not in caps.columns:
         caps["pod"] = pd.Series([pd.NA] * len(caps), dtype="string")
     anomalies: list[tuple] = []
-    cache: dict[str, tuple[str | None, str | None, object]] = {}
+    cache: dict[object, tuple[str | None, object]] = {}
 
-    def owner(ip: str):
-        if ip not in cache:
-            r = inv.resolve_ip(ip)
+    # the middle of each capture: the time that decides between owners of a reused pod IP
+    mid = {}
+    for r in caps.itertuples(index=False):
+        f, l_ = getattr(r, "first_ts", pd.NaT), getattr(r, "last_ts", pd.NaT)
+        mid[str(r.capture)] = None if pd.isna(f) or pd.isna(l_) else int(f.value + (l_.value - f.value) // 2)
+
+    several: dict[str, bool] = {}
+
+    def owner(ip: str, ts: int | None):
+        if ip not in several:
+            several[ip] = inv.resolve_ip(ip).status == "ambiguous"
+        key = (ip, ts) if several[ip] else ip
+        if key not in cache:
+            r = inv.resolve_ip(ip, ts)
             pod = r.owner if r.owner is not None and r.owner.kind == "pod" else None
-            cache[ip] = (r.node if r.status in ("pod", "node", "pod-cidr") else None, pod)
-        return cache[ip]
+            cache[key] = (r.node if r.status in ("pod", "node", "pod-cidr") else None, pod)
+        return cache[key]
 
     decided: dict[str, tuple] = {}
     candidates: dict[str, list] = {}
@@ -83,7 +94,7 @@ def place_captures(captures: pd.DataFrame, groups: pd.DataFrame, inv: Inventory)
         for addrs, n in zip(g["addresses"], g["packets"]):
             ns, ps = set(), set()
             for ip in addrs:
-                node, pod = owner(ip)
+                node, pod = owner(ip, mid.get(str(cap)))
                 if node:
                     ns.add(node)
                 if pod is not None:

@@ -236,3 +236,41 @@ def test_inpod_pod_captures_placed_on_their_nodes():
     assert (a.flows["client_name"].notna()).all() and (a.tunnels["identity_check"] == "ok").all()
     # the HBONE client is the client pod itself here: its certificate is checked too
     assert (a.tunnels["client_expected_spiffe"] == topo["pods"]["pod-a"]["identity"]).all()
+
+
+def test_placement_uses_the_capture_time_for_reused_ips(tmp_path):
+    """An IPAM without per-node pod CIDRs (VPC-style) gave pod B's address to a pod on node A before: the
+    capture's time picks the pod that had it then, and with it the node."""
+    d = sample("sequential")
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    shutil.copy(d / "pod-b-eth0.pcap", caps / "capture-9.pcap")
+    k8s = tmp_path / "k8s"
+    k8s.mkdir()
+    nodes = json.loads((LAB / "nodes.json").read_text())
+    for n in nodes["items"]:
+        n["spec"].pop("podCIDR"), n["spec"].pop("podCIDRs")
+    (k8s / "nodes.json").write_text(json.dumps(nodes))
+    for f in (FIXTURES / "reuse-timed").iterdir():
+        pods = json.loads(f.read_text())
+        pods["items"] = [p for p in pods["items"] if not p["metadata"]["name"].startswith("ztunnel-")]
+        for p in pods["items"]:
+            if p["metadata"]["name"] == "echo-5b4f7c9d8-old9z":
+                p["spec"]["nodeName"], p["status"]["hostIP"] = "node-a", "172.18.0.2"
+        (k8s / f.name).write_text(json.dumps(pods))
+    a = hbonecap.analyze(caps, k8s=k8s, correlate=False)
+    c = a.captures.set_index("capture")
+    assert c.at["capture-9.pcap", "node"] == topology("sequential")["pods"]["pod-b"]["node"]
+    assert a.connections["server_name"].str.startswith("default/echo-5b4f7c9d8-q7m2n:").all()
+    # the same objects without any time (no time-stamped file names, creation times stripped as some exports
+    # do): the address cannot place the capture
+    untimed = tmp_path / "untimed"
+    untimed.mkdir()
+    for i, f in enumerate(sorted(k8s.iterdir())):
+        doc = json.loads(f.read_text())
+        for item in doc["items"]:
+            item["metadata"].pop("creationTimestamp", None)
+            item.get("status", {}).pop("startTime", None)
+        (untimed / f"snapshot-{i}.json").write_text(json.dumps(doc))
+    b = hbonecap.analyze(caps, k8s=untimed, correlate=False)
+    assert pd.isna(b.captures.set_index("capture").at["capture-9.pcap", "node"])

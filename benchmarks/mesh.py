@@ -585,6 +585,7 @@ def generate(directory: str | os.PathLike, mb: float = 300, seed: int = 1, strea
     for w in writers.values():
         w.close()
     truth = {"generated_by": "benchmarks/mesh.py", "seed": seed, "clock_offsets_ns": offsets,
+             "tunnel_payload_bytes": tunnel_payload,     # TCP payload of the HBONE connections in one capture
              "captures": {name: {"file": f"{name}.pcap", "node": NODE_OF[name], "packets": w.packets,
                                  "bytes": w.bytes} for name, w in writers.items()},
              "connections": truth_conns, "hbone_connections": hbone_conns}

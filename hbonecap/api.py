@@ -86,7 +86,7 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
     import copy
 
     from hbonecap.analysis.connections import connections
-    from hbonecap.decode import segments_of_batch
+    from hbonecap.layers.segments import tcp_runs_of_batch
     from hbonecap.streams.analyzer import StreamAnalyzer
 
     analyzer = None
@@ -104,8 +104,8 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         while used_secrets < len(found):
             analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
             used_secrets += 1
-        for seg in segments_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
-            analyzer.feed(seg)
+        for item in tcp_runs_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
+            analyzer.feed_any(item)     # a TcpSegment, or a TcpRun of contiguous segments taken at once
 
     dec = decode_capture(path, config, name=name, on_batch=feed if analyzer is not None else None)
     info = dec.info
@@ -137,23 +137,34 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
 
 
 def _link_connections(conns: pd.DataFrame, tun: pd.DataFrame, reqs: pd.DataFrame):
-    """Point tunnels and plain-TCP requests at connections.conn_id: same endpoints, overlapping in time."""
+    """Point tunnels and plain-TCP requests at connections.conn_id: same endpoints (either way round); among several
+    such connections, the first one whose time span holds the row's time. One merge, not one scan per row."""
     if not len(conns):
         return tun, reqs
-    key = conns[["client", "server", "conn_id", "first_ts", "last_ts"]]
+
+    def pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        first = np.array([x <= y for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+        return np.where(first, a, b), np.where(first, b, a)
+
+    lo, hi = pair(conns["client"].to_numpy(object), conns["server"].to_numpy(object))
+    key = pd.DataFrame({"lo": lo, "hi": hi, "conn_id": conns["conn_id"].to_numpy(), "first_ts": conns["first_ts"],
+                        "last_ts": conns["last_ts"], "pos": np.arange(len(conns))}).reset_index(drop=True)
 
     def link(df: pd.DataFrame, ts_col: str, ends: tuple[str, str] | None) -> pd.DataFrame:
         if not len(df) or ends is None:
             return df
         df = df.copy()
-        ids = []
-        for row in df.itertuples(index=False):
-            a, b = getattr(row, ends[0]), getattr(row, ends[1])
-            t = getattr(row, ts_col)
-            m = key[((key["client"] == a) & (key["server"] == b)) | ((key["client"] == b) & (key["server"] == a))]
-            if len(m) > 1 and not pd.isna(t):
-                m = m[(m["first_ts"] <= t) & (m["last_ts"] >= t)]
-            ids.append(int(m["conn_id"].iloc[0]) if len(m) else pd.NA)
+        ok = (df[ends[0]].notna() & df[ends[1]].notna()).to_numpy(bool)
+        a, b = pair(df[ends[0]].to_numpy(object)[ok], df[ends[1]].to_numpy(object)[ok])
+        idx = np.flatnonzero(ok)
+        rows = pd.DataFrame({"row": idx, "lo": a, "hi": b, "t": df[ts_col].iloc[idx].reset_index(drop=True)})
+        m = rows.merge(key, on=["lo", "hi"])
+        many = m.groupby("row")["pos"].transform("size").to_numpy() > 1
+        t = pd.Series(m["t"])
+        inside = ((m["first_ts"] <= t) & (m["last_ts"] >= t)).fillna(False).to_numpy(bool)
+        m = m[~many | t.isna().to_numpy() | inside].sort_values(["row", "pos"]).drop_duplicates("row")
+        ids = np.full(len(df), None, dtype=object)
+        ids[m["row"].to_numpy()] = m["conn_id"].to_numpy(object)
         df["conn_id"] = pd.array(ids, dtype="Int64")
         return df
 

@@ -40,3 +40,114 @@ def iter_tcp_segments(path, config=None, name: str | None = None, with_pure_acks
     cfg = config or DEFAULT_CONFIG
     for reader, batch, ctx in iter_decoded(path, cfg, name=name):
         yield from segments_of_batch(reader.info.name, batch, ctx, with_pure_acks)
+
+
+@dataclass(slots=True)
+class TcpRun:
+    """Payload segments of one connection and direction that follow one another in capture order, each starting
+    where the previous one ended (in sequence space), none with SYN/FIN/RST, none cut by the snapshot length: the
+    bulk of any capture. The stream stages take a run at once (one reassembly step, one joined buffer, capture
+    times as range marks) when their state allows, and segment by segment (`segments()`) otherwise.
+
+    ends[i]: offset in `payload` where segment i ends; ts/index/ack/flags: per segment."""
+
+    capture: str
+    encap: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    seq: int
+    payload: bytes
+    ends: list
+    ts: list
+    index: list
+    ack: list
+    flags: list
+
+    def segments(self) -> list[TcpSegment]:
+        out = []
+        start = 0
+        seq = self.seq
+        for end, ts, idx, ack, flags in zip(self.ends, self.ts, self.index, self.ack, self.flags):
+            out.append(TcpSegment(self.capture, idx, ts, self.encap, self.src, self.sport, self.dst, self.dport,
+                                  flags, seq & 0xFFFFFFFF, ack, self.payload[start:end], end - start))
+            seq += end - start
+            start = end
+        return out
+
+    def first(self) -> TcpSegment:
+        end = self.ends[0]
+        return TcpSegment(self.capture, self.index[0], self.ts[0], self.encap, self.src, self.sport, self.dst,
+                          self.dport, self.flags[0], self.seq, self.ack[0], self.payload[:end], end)
+
+
+def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
+    """The TCP segments of one decoded batch (as `hbonecap.decode.segments_of_batch`, pure ACKs left out), with
+    every stretch of two or more contiguous payload segments of one connection direction grouped into a `TcpRun`.
+    Runs are found with array operations over the whole batch; one Python step per run, not per segment."""
+    import numpy as np
+
+    from hbonecap.decode import _address, _encap
+    from hbonecap.layers import context as K
+
+    tcp = ((ctx.proto >> 16) == K.P_TCP) & (ctx.payload_off >= 0)
+    tcp &= (ctx.payload_len > 0) | ((ctx.tcp_flags & 0x07) != 0)
+    idx = np.flatnonzero(tcp)
+    if not len(idx):
+        return
+    d = ctx.config.max_tunnel_depth
+    ek = np.zeros((len(idx), 1 + 2 * d), dtype=np.int64)
+    ek[:, 0] = ctx.depth[idx]
+    ek[:, 1::2] = ctx.tun_type[idx]
+    ek[:, 2::2] = ctx.tun_vni[idx]
+    plen = ctx.payload_len[idx].astype(np.int64)
+    start = (batch.data_off[idx] + ctx.payload_off[idx]).astype(np.int64)
+    avail = (batch.data_off[idx] + batch.caplen[idx]).astype(np.int64)
+    whole = start + plen <= avail
+    flags = ctx.tcp_flags[idx].astype(np.int64)
+    seq = ctx.seq[idx].astype(np.int64)
+    plain = (plen > 0) & ((flags & 0x07) == 0) & whole
+    cont = np.zeros(len(idx), dtype=bool)
+    if len(idx) > 1:
+        same = (ctx.src[idx[1:]] == ctx.src[idx[:-1]]).all(axis=1) & (ctx.dst[idx[1:]] == ctx.dst[idx[:-1]]).all(axis=1)
+        same &= (ctx.sport[idx[1:]] == ctx.sport[idx[:-1]]) & (ctx.dport[idx[1:]] == ctx.dport[idx[:-1]])
+        same &= (ctx.ipver[idx[1:]] == ctx.ipver[idx[:-1]]) & (ek[1:] == ek[:-1]).all(axis=1)
+        same &= plain[1:] & plain[:-1] & (((seq[:-1] + plen[:-1]) & 0xFFFFFFFF) == seq[1:])
+        cont[1:] = same
+    run_start = np.flatnonzero(~cont)
+    run_end = np.r_[run_start[1:], len(idx)]
+    enc_cache: dict[bytes, str] = {}
+    addr_cache: dict[bytes, str] = {}
+    buf = batch.buf
+    numbers = (batch.frame_numbers()[idx] + index_offset).tolist()
+    ts_l = batch.ts_ns[idx].tolist()
+    ack_l = ctx.ack[idx].tolist()
+    seq_l = seq.tolist()
+    flags_l = flags.tolist()
+    plen_l = plen.tolist()
+    start_l = start.tolist()
+    avail_l = avail.tolist()
+    sport_l = ctx.sport[idx].tolist()
+    dport_l = ctx.dport[idx].tolist()
+    for a, b in zip(run_start.tolist(), run_end.tolist()):
+        i = int(idx[a])
+        ekey = ek[a].tobytes()
+        enc = enc_cache.get(ekey)
+        if enc is None:
+            enc = enc_cache[ekey] = _encap(ekey)
+        v = int(ctx.ipver[i])
+        sk = bytes([v]) + ctx.src[i].tobytes()
+        dk = bytes([v]) + ctx.dst[i].tobytes()
+        s = addr_cache.get(sk) or addr_cache.setdefault(sk, _address(sk))
+        dd = addr_cache.get(dk) or addr_cache.setdefault(dk, _address(dk))
+        if b - a == 1:
+            st, n = start_l[a], plen_l[a]
+            end = min(st + n, avail_l[a])
+            yield TcpSegment(capture, numbers[a], ts_l[a], enc, s, sport_l[a], dd, dport_l[a], flags_l[a], seq_l[a],
+                             ack_l[a], buf[st:max(st, end)].tobytes(), n)
+            continue
+        payload = b"".join([buf[st:st + n] for st, n in zip(start_l[a:b], plen_l[a:b])])
+        ends = np.cumsum(plen[a:b]).tolist()
+        yield TcpRun(capture, enc, s, sport_l[a], dd, dport_l[a], seq_l[a], payload, ends, ts_l[a:b],
+                     numbers[a:b], ack_l[a:b], flags_l[a:b])

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_CONFIG, HBONE_PORT
-from ..layers.segments import TcpSegment
+from ..layers.segments import TcpRun, TcpSegment
 from . import hbone as hb
 from .anomalies import Anomaly
 from .http2.connection import H2Data, H2DataGap, H2GoAway, H2Headers, H2LostSync, H2Reset, Http2Connection
@@ -64,6 +64,7 @@ IDLE_NS = 15 * 60 * 10**9
 CLOSED_LINGER_NS = 60 * 10**9
 FLUSH_EVERY = 4096
 MAX_CONNECTIONS = 200_000
+RUN_PIECE = 16                      # segments of a TcpRun delivered at once
 SERVER_PORTS = frozenset({HBONE_PORT, 15001, 15006, 15088, 15053, 80, 443, 8080, 8443})
 
 
@@ -754,6 +755,70 @@ class StreamAnalyzer:
         self.segments += 1
         if self.segments % FLUSH_EVERY == 0:
             self._flush(seg.ts_ns)
+
+    def feed_any(self, item) -> None:
+        """`feed` for a `TcpSegment`, `feed_run` for a `TcpRun` (what `tcp_runs_of_batch` yields)."""
+        if type(item) is TcpRun:
+            self.feed_run(item)
+        else:
+            self.feed(item)
+
+    def feed_run(self, run: TcpRun) -> None:
+        """A run of contiguous payload segments of one connection direction: the same results as feeding its
+        segments one by one. The first goes through `feed` (connection lookup, every general rule); the rest are
+        taken at once when the reassembler's in-order path applies to all of them (nothing waiting either way, the
+        direction not ended), as one buffer whose capture times are range marks; otherwise one by one."""
+        self.feed(run.first())
+        last = self._last
+        n = len(run.ends)
+        if last is None or n == 1:
+            for seg in run.segments()[1:]:
+                self.feed(seg)
+            return
+        c, d = last[6], last[7]
+        dd = c.reasm.dirs[d]
+        opaque = c.stack.state == "opaque"
+        if c.closed or not opaque and (dd.base is None or dd.starts or dd.ended or c.reasm.dirs[1 - d].starts or
+                                       ((run.seq + run.ends[0] - dd.base - dd.next_off) & 0xFFFFFFFF) != 0):
+            for seg in run.segments()[1:]:
+                self.feed(seg)
+            return
+        # deliver segments 1..n-1 in pieces of RUN_PIECE segments (a parser's buffer then holds few time marks),
+        # split where the per-segment path would flush idle connections
+        i = 1
+        while i < n:
+            j = min(n, i + FLUSH_EVERY - self.segments % FLUSH_EVERY, i + RUN_PIECE)
+            lo, hi = run.ends[i - 1], run.ends[j - 1]
+            ts, index = run.ts[j - 1], run.index[j - 1]
+            self.ctx.index = index
+            c.last_ts, c.last_index = ts, index
+            c.bytes[d] += hi - lo
+            if not opaque:
+                data = run.payload[lo:hi]
+                off = dd.next_off
+                dd.next_off = off + len(data)
+                dd.delivered += len(data)
+                dd._remember(off, data)
+                c.reasm.last_ts, c.reasm.last_index = ts, index
+                marks = []
+                prev = None
+                for k in range(i, j):
+                    t = run.ts[k]
+                    if t != prev:
+                        marks.append((run.ends[k - 1] - lo, t))
+                        prev = t
+                if len(marks) == 1:
+                    c.stack.data_raw(d, data, ts)
+                else:
+                    c.stack.data(d, Timed(data, tuple(marks)))
+            self.segments += j - i
+            if self.segments % FLUSH_EVERY == 0 and not opaque:     # (the per-segment path skips it when opaque)
+                self._flush(ts)
+            i = j
+            if c.closed:
+                for seg in run.segments()[i:]:
+                    self.feed(seg)
+                return
 
     def _dispatch(self, c: _Conn, e) -> None:
         if isinstance(e, StreamData):

@@ -1,0 +1,155 @@
+"""Full-analysis benchmark: `hbonecap correlate` on a realistic capture set (benchmarks/mesh.py) against tshark
+decrypting the same captures with the same key log, in one run.
+
+    python benchmarks/full.py [--mb 300] [--jobs N] [--skip-tshark] [--write]
+
+Contenders, each in its own process (peak RSS = ru_maxrss of that process and its children):
+  * `hbonecap correlate DIR -k keylog.txt -m points.toml -j N -o OUT` (decode, streams, correlation, Parquet);
+  * the same through the API with one process (`analyze(..., jobs=1)` + `correlate`): per-core figures;
+  * the HBONE unwrap alone (TCP reassembly + TLS 1.3 decryption + HTTP/2 + CONNECT streams) over the two HBONE
+    captures' TCP segments, one process: MB/s of tunnel payload (TLS bytes on 15008) per core;
+  * tshark with the key log, decrypting and dissecting HTTP/2 on every capture (`-Y http2 -T fields`).
+Ratios are hbonecap's packets/s over tshark's. `--write` puts the table in benchmarks/full-analysis.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+
+API_RUN = r"""
+import sys, time
+import hbonecap
+from hbonecap.analysis.correlation import correlate
+from hbonecap.capture.points import parse_manifest
+d = sys.argv[1]
+points = {k: f"{p.role}@{p.node}" for k, p in parse_manifest(open(d + "/points.toml").read()).items()}
+a = hbonecap.analyze(d, keylog=d + "/keylog.txt", points=points, jobs=1)
+r = correlate(a)
+print(len(r["flows"]), int((r["flows"]["match"] == "exact").sum()))
+"""
+
+UNWRAP_RUN = r"""
+import sys, time, resource
+from hbonecap.decode import iter_decoded
+from hbonecap.layers.segments import tcp_runs_of_batch
+from hbonecap.streams.analyzer import StreamAnalyzer
+from hbonecap.streams.tls.keylog import load
+d = sys.argv[1]
+kl = load(d + "/keylog.txt")
+spent = 0.0
+decrypted = 0
+for name in ("node-a-eth0.pcap", "node-b-eth0.pcap"):
+    batches = list(iter_decoded(d + "/" + name))          # decoding is not part of the unwrap figure
+    t = time.process_time()
+    a = StreamAnalyzer(kl)
+    for reader, batch, ctx in batches:
+        for item in tcp_runs_of_batch(name, batch, ctx, reader.index_offset):
+            a.feed_any(item)
+    r = a.close()
+    spent += time.process_time() - t
+    decrypted += sum(bool(t["decrypted"]) for t in r.tunnels)
+print(spent, decrypted)
+"""
+
+
+MEASURE = r"""
+import resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+sys.stdout.write(p.stdout)
+sys.stderr.write(p.stderr[-2000:])
+print(f"@@ {p.returncode} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+"""
+
+
+def run(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB: the largest of the command's processes) and stdout of one command."""
+    p = subprocess.run([sys.executable, "-c", MEASURE] + cmd, capture_output=True, text=True)
+    rc, wall, rss = p.stderr.rsplit("@@ ", 1)[1].split()
+    if int(rc) != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    return float(wall), int(rss) / 1024, p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=300)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-tshark", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write the table to benchmarks/full-analysis.md")
+    a = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    import mesh
+
+    d = DATA / f"mesh-{a.mb:g}"
+    if not (d / "mesh.json").exists():
+        mesh.generate(d, a.mb)
+    truth = json.loads((d / "mesh.json").read_text())
+    files = [d / f"{n}.pcap" for n in mesh.CAPTURES]
+    packets = sum(c["packets"] for c in truth["captures"].values())
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    hb = shutil.which("hbonecap") or "hbonecap"
+    out = DATA / "mesh-out"
+    rows: list[tuple] = []
+    # warm the compiled decoder's cache so every contender is timed steady-state
+    run([sys.executable, "-c", "from hbonecap.decode import decode_capture; import sys; decode_capture(sys.argv[1])",
+         str(files[0])])
+    wall, rss, _ = run([hb, "correlate", str(d), "-k", str(d / "keylog.txt"), "-m", str(d / "points.toml"),
+                        "-j", str(a.jobs), "-o", str(out)])
+    rows.append((f"hbonecap correlate -j {a.jobs} (CLI, -> parquet)", wall, rss, a.jobs))
+    wall, rss, res = run([sys.executable, "-c", API_RUN, str(d)])
+    flows, exact = map(int, res.split())
+    rows.append(("hbonecap analyze + correlate (API, 1 process)", wall, rss, 1))
+    _, rss_u, res = run([sys.executable, "-c", UNWRAP_RUN, str(d)])
+    unwrap_s, decrypted = float(res.split()[0]), int(res.split()[1])
+    # TLS bytes on 15008 in the two HBONE captures (what the unwrap decrypts and parses)
+    tunnel_mb = 2 * truth["tunnel_payload_bytes"] / 1e6
+    if not a.skip_tshark and shutil.which("tshark"):
+        t_wall, t_rss = 0.0, 0.0
+        for f in files:
+            w, r, _ = run(["tshark", "-n", "-o", f"tls.keylog_file:{d / 'keylog.txt'}", "-r", str(f), "-Y", "http2",
+                           "-T", "fields", "-e", "frame.number", "-e", "http2.streamid", "-e", "http2.header.value"])
+            t_wall += w
+            t_rss = max(t_rss, r)
+        rows.append(("tshark -Y http2 with the key log (each capture)", t_wall, t_rss, 1))
+    base = {name: packets / wall for name, wall, _, _ in rows}
+    tshark = next((v for k, v in base.items() if k.startswith("tshark")), None)
+    lines = [f"# full analysis, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
+             f"{platform.processor() or platform.platform()}, Python {platform.python_version()}",
+             "",
+             f"Capture set: benchmarks/mesh.py --mb {a.mb:g}: {len(files)} captures, {packets:,} packets, "
+             f"{size_mb:.0f} MB, {len(truth['connections'])} connections on {len(truth['hbone_connections'])} "
+             f"HBONE connections; {tunnel_mb:.0f} MB of TLS on 15008 in the two node captures. "
+             f"Correlation: {exact} of {flows} flows exact (truth: {len(truth['connections'])}).",
+             "",
+             "| contender | wall s | packets/s | packets/s per core | MB/s | peak RSS MB | x tshark |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, wall, rss, cores in rows:
+        pps = packets / wall
+        xt = f"{pps / tshark:.1f}" if tshark else "n/a"
+        lines.append(f"| {name} | {wall:.2f} | {pps:,.0f} | {pps / cores:,.0f} | {size_mb / wall:,.0f} | "
+                     f"{rss:,.0f} | {xt} |")
+    lines += ["", f"HBONE unwrap alone (reassembly + TLS 1.3 decryption + HTTP/2 + CONNECT streams, CPU time of one "
+                  f"process, decoding excluded): {unwrap_s:.2f} s for {tunnel_mb:.0f} MB of tunnel payload = "
+                  f"**{tunnel_mb / unwrap_s:,.0f} MB/s per core**; {decrypted} tunnels decrypted; "
+                  f"peak RSS {rss_u:,.0f} MB.",
+              "", "Targets (issue 7): >= 1M packets/s per core overall, >= 200 MB/s per core of tunnel payload."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.write:
+        (HERE / "full-analysis.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

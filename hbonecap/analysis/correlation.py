@@ -48,7 +48,8 @@ import pandas as pd
 from hbonecap import tables
 from hbonecap.analysis.keyless import data_payload, infer_records
 from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
-from hbonecap.analysis.cluster import address_counts, datagram_rows, is_dask, legs_on_cluster, tcp_of
+from hbonecap.analysis.cluster import (address_counts, datagram_rows, first_writes, is_dask, legs_on_cluster,
+                                       tcp_of)
 from hbonecap.analysis.legs import Legs, build_legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
@@ -1071,12 +1072,7 @@ class _Correlator:
         if lconn is None:
             return frozenset()
         if not hasattr(self, "_writes"):
-            tcp = self.L.tcp
-            data = tcp[tcp["plen"] > 0].sort_values("ts", kind="stable")
-            first_cap = data.drop_duplicates(["lconn", "dir"]).set_index(["lconn", "dir"])["cap"]
-            data = data.join(first_cap.rename("first_cap"), on=["lconn", "dir"])
-            data = data[data["cap"] == data["first_cap"]].drop_duplicates(["lconn", "dir", "seq"])
-            data = data.groupby(["lconn", "dir"], sort=False).head(FIRST_WRITES)
+            data = first_writes(self.L, FIRST_WRITES)
             self._writes = {}
             for (l, x), g in data.groupby(["lconn", "dir"], sort=False):
                 self._writes[(int(l), int(x))] = frozenset(int(v) for v in np.cumsum(g["plen"].to_numpy(np.int64)))

@@ -33,6 +33,8 @@ def test_keyless_matches_decrypted(scenario):
     assert r["wrong_confident"] == 0, r["wrong_rows"]
     assert r["hbone_events_compared"] >= 0.8 * r["hbone_events_ref"], r
     assert r["worst_latency_ms"] <= 1.0, r["diffs"].sort_values("latency_ms").tail()
+    # every HBONE event time within 1 ms of decryption's, concurrent streams on one pooled connection included
+    assert r["worst_hbone_time_ms"] <= 1.0, r["diffs"].sort_values("time_ms").tail()
     hb = keyless.hops[keyless.hops["kind"] == "hbone"]
     assert len(hb) and hb["inferred"].all()                     # keyless hop times say they are inferred
     assert not keyless.hops.loc[keyless.hops["kind"] == "tcp", "inferred"].any()
@@ -113,3 +115,24 @@ def test_tunnel_records_table():
     dt = decrypted.tunnel_records                                # only the views decryption could not read
     dec = decrypted.tunnels.set_index(["capture", "tunnel_id"])["decrypted"]
     assert not any(dec.get((c, t)) is True for c, t in set(zip(dt["capture"], dt["tunnel_id"])))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_keyless_stream_ids(scenario):
+    """The stream ids inferred without keys (CONNECTs counted on connections seen from their handshake) are the ones
+    decryption reads, per HBONE hop, wherever they are given; most flows get them."""
+    decrypted, keyless = _pair(scenario)
+    ref = decrypted.flows[(decrypted.flows["match"] == "exact") & decrypted.flows["client"].notna()]
+    known = 0
+    for f in ref.itertuples(index=False):
+        k = keyless.flows[keyless.flows["client"] == f.client]
+        assert len(k) == 1
+        got = k.iloc[0]["stream_ids"]
+        if pd.isna(got):
+            continue
+        known += 1
+        assert got == f.stream_ids, f.client
+        assert k.iloc[0]["stream_id"] == f.stream_id
+        hb = keyless.hops[(keyless.hops["flow_id"] == k.iloc[0]["flow_id"]) & (keyless.hops["kind"] == "hbone")]
+        assert set(hb["stream_id"].dropna().astype(int)) <= {int(x) for x in f.stream_ids.split(";")}
+    assert known >= 0.5 * len(ref)

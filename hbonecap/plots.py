@@ -92,6 +92,11 @@ def _lanes(flow_hops: pd.DataFrame) -> list[str]:
     return lanes
 
 
+def _plain(text: str) -> str:
+    """Text from a capture or a Kubernetes file shown as is: '$' would start matplotlib mathtext."""
+    return str(text).replace("$", r"\$")
+
+
 def _short(name) -> str | None:
     """'default/sleep-7d9:37162' -> 'default/sleep-7d9' (a lane is a process, not a port)."""
     if not isinstance(name, str) or not name:
@@ -133,8 +138,8 @@ def plot_flow(a, flow_id: int, ax=None):
     if not len(flow):
         raise KeyError(f"no flow {flow_id}")
     f = flow.iloc[0]
-    title = (f"flow {flow_id}: {_name_or(f, 'client_name', 'client')} -> "
-             f"{_name_or(f, 'original_dst_name', 'original_dst')} ({f['outcome']}, {f['match']})")
+    title = _plain(f"flow {flow_id}: {_name_or(f, 'client_name', 'client')} -> "
+                   f"{_name_or(f, 'original_dst_name', 'original_dst')} ({f['outcome']}, {f['match']})")
     ev = fh.dropna(subset=["src_ts", "dst_ts"])
     if not len(ev):
         _empty(ax, title + "\nno event seen at both ends of a hop")
@@ -158,7 +163,7 @@ def plot_flow(a, flow_id: int, ax=None):
         since = (r.src_ts - t0).total_seconds() * 1000
         ax.text(len(lanes) - 0.45, row, f"+{since:.3f} ms", fontsize=7, va="center", color="0.3")
     names = lane_names(a, f, lanes)
-    ax.set_xticks(range(len(lanes)), [f"{lane}\n{names[lane]}" if lane in names else lane for lane in lanes],
+    ax.set_xticks(range(len(lanes)), [_plain(f"{lane}\n{names[lane]}" if lane in names else lane) for lane in lanes],
                   fontsize=8)
     ax.xaxis.tick_top()
     ax.set_ylim(len(ev), -1)

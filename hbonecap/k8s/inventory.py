@@ -39,8 +39,6 @@ import pandas as pd
 from hbonecap.errors import HbonecapError
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-KUBECTL_KINDS = ("Pod", "Service", "Node", "EndpointSlice", "Endpoints")
-NEVER = None    # an open end of a validity interval
 
 
 class InventoryError(HbonecapError):
@@ -199,10 +197,6 @@ class Inventory:
         if r.name and port is not None and r.status in ("pod", "node"):
             r = replace(r, name=f"{r.name}:{int(port)}")
         return r
-
-    def is_service_ip(self, ip: str) -> bool:
-        ip = _norm_ip(ip)
-        return any(k[0] == ip for k in self.services)
 
     def __len__(self) -> int:
         return len(self.owners) + len(self.services)

@@ -172,8 +172,10 @@ def test_ip_reuse_without_times_is_ambiguous():
 
 
 def test_deleted_and_finished_pods_end_their_interval():
-    mk = lambda name, ip, **kw: {"kind": "Pod", "metadata": {"name": name, "namespace": "d", **kw.get("meta", {})},  # noqa: E731
-                                 "status": {"podIP": ip, **kw.get("status", {})}}
+    def mk(name, ip, meta=None, status=None):
+        return {"kind": "Pod", "metadata": {"name": name, "namespace": "d", **(meta or {})},
+                "status": {"podIP": ip, **(status or {})}}
+
     doc = {"kind": "PodList", "items": [
         mk("job-1", "10.3.0.9", meta={"creationTimestamp": "2026-11-22T01:00:00Z"},
            status={"phase": "Succeeded", "containerStatuses": [

@@ -19,7 +19,7 @@ from tests.conftest import SAMPLES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LAB = FIXTURES / "lab"
-HOSTILE = "<script>document.title='PWNED'</script><img src=x onerror=\"alert(1)\">"
+HOSTILE = "<script>document.title='PWNED'</script><img src=x onerror=\"alert(1)\">$\\frac{$"
 
 
 def sample(name: str) -> Path:

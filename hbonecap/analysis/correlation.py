@@ -20,7 +20,9 @@ destination ztunnel to the server pod. `correlate(a)` ties them together from an
    destination, it starts after the CONNECT and carries the same request and bytes); then the remaining app
    connections by the tunnelled request line, byte counts and timing (`inferred` where nothing was decrypted).
    Without keys (`match_keyless`): client connection -> HBONE connection (-> a waypoint's HBONE connection)
-   -> server connection, by the plaintext request lines, sizes and timing, with inferred HBONE hop events.
+   -> server connection, scored from the plaintext request lines, byte counts, outer addresses and the HBONE
+   connection's TLS records in the windows the legs set (keyless.py labels them); confidence from that score and
+   the margin over the best alternative, an ambiguous match reported (reason, `keyless_ambiguous` anomaly).
    Each step assigns one to one, best score first.
 6. Hops and events (syn, syn_ack, connect, connect_response, first_request_byte, first_response_byte, fin,
    fin_s2c) with the time at each end of the hop, raw and corrected; latency per hop and event.
@@ -29,9 +31,13 @@ Eras: A/B (Geneve redirection, spoofed HBONE sources in era B) and C (in-pod: th
 seen on the pod's lo is undone in `legs.py`; captures named after one pod share its clock).
 
 Pure: no I/O; the only inputs are the Analysis tables and `a.details`.
-Limits: double HBONE (nested tunnels) is shown through its outer stream only; keyless matching uses request
-lines, sizes and timing, not yet TLS record sizes (`match_keyless` is the hook a later issue deepens), and its
-HBONE hop times are approximations (concurrent streams blur them); clock drift is estimated, not corrected; a
+Keyless HBONE hop events (`_keyless_events`) are TLS records assigned to the flows' events by minimum cost within
+windows bounded on both sides by the plain legs (sizes, labels, order), with stream ids counted from the CONNECTs;
+an event that could swap records with another flow's is said to be ambiguous in the flow's reasons.
+
+Limits: double HBONE (nested tunnels) is shown through its outer stream only; keyless HBONE hop times are those of
+inferred records (a proxy that coalesces or splits writes differently from the plain legs blurs the DATA sizes);
+clock drift is estimated, not corrected; a
 pod capture whose own address ties with its only peer's is resolved by subnet closeness to a ztunnel's address.
 """
 from __future__ import annotations

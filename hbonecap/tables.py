@@ -230,9 +230,12 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("last_seen", "string", "the last hop where the flow was seen"),
         ("match", "string", "exact (decrypted headers and tunnelled bytes), inferred (timing and sizes), "
                             "unmatched (a connection tied to nothing)"),
-        ("confidence", "float64", "0-1"),
+        ("confidence", "float64", "0-1; without keys: from the evidence and the margin over the best alternative "
+                                  "(ambiguous matches <= 0.5)"),
         ("match_reason", "string", "how the client connection was tied: forwarded (for= header), content "
-                                   "(tunnelled request and sizes), timing"),
+                                   "(tunnelled request and sizes), timing; without keys ('keyless: ...') the "
+                                   "evidence, the margin or 'ambiguous: ...' naming the competitor, and events "
+                                   "whose record another flow's could replace ('time ambiguous: ...')"),
         ("client_name", "string", K8S_NAME.format("client")),
         ("original_dst_name", "string", K8S_NAME.format("original_dst") + ", e.g. productpage.default:9080"),
         ("dst_pod_name", "string", K8S_NAME.format("dst_pod")),

@@ -134,3 +134,28 @@ def datagram_rows(packets) -> pd.DataFrame:
     if not is_dask(packets):
         return pick(packets)
     return packets.map_partitions(pick, meta=packets._meta[DATAGRAM_COLUMNS]).compute().reset_index(drop=True)
+
+
+def first_writes(legs: Legs, n: int) -> pd.DataFrame:
+    """Per logical connection and direction, its first `n` data segments (distinct sequence numbers, in time
+    order) at the capture that saw its first data segment: rows (lconn, dir, ts, plen). The per-packet filtering
+    runs on the workers; only these few rows per connection come back."""
+    tcp = legs.tcp
+    cols = ["cap", "ts", "lconn", "dir", "seq", "plen"]
+    data = tcp[tcp["plen"] > 0][cols]
+    firsts = data.groupby(["lconn", "dir", "cap"])["ts"].min()
+    firsts = (firsts.compute() if is_dask(data) else firsts).rename("t0").reset_index()
+    # the capture that saw the first data segment each way (ties: the first capture, as rows are in capture order)
+    firsts = firsts.sort_values(["t0", "cap"], kind="stable").drop_duplicates(["lconn", "dir"])[["lconn", "dir", "cap"]]
+
+    def pick(d: pd.DataFrame) -> pd.DataFrame:       # exact per partition: a capture is in one partition
+        d = d.assign(_pos=np.arange(len(d))).merge(firsts, on=["lconn", "dir", "cap"], how="inner")
+        d = d.sort_values(["ts", "_pos"], kind="stable")
+        d = d.drop_duplicates(["lconn", "dir", "seq"])
+        return d.groupby(["lconn", "dir"], sort=False).head(n)[["lconn", "dir", "ts", "plen"]]
+
+    if is_dask(data):
+        out = data.map_partitions(pick, meta=pick(data._meta)).compute()
+    else:
+        out = pick(data)
+    return out.sort_values(["lconn", "dir", "ts"], kind="stable").reset_index(drop=True)

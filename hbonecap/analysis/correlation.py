@@ -715,13 +715,18 @@ class _Correlator:
             if c.a in chosen or c.d in by_d or c.a in by_d or c.d in chosen:
                 continue
             chosen[c.a] = by_d[c.d] = c
+        by_a_cands: dict[int, list] = defaultdict(list)
+        by_d_cands: dict[int, list] = defaultdict(list)
+        for o in cand:
+            by_a_cands[o.a].append(o)
+            by_d_cands[o.d].append(o)
         out = []
         for c in sorted(chosen.values(), key=lambda c: (-c.score, c.dt)):
             # the best alternative: the same client with another server connection (free, or whose own match is
             # no better), the same server connection from another client (likewise), or another HBONE route
             rival = None
-            for o in cand:
-                if o is c or (o.a != c.a and o.d != c.d):
+            for o in by_a_cands[c.a] + [o for o in by_d_cands[c.d] if o.a != c.a]:
+                if o is c:
                     continue
                 if o.a == c.a and o.d == c.d:
                     pass                                   # another HBONE connection between the same legs
@@ -1216,10 +1221,12 @@ class _Correlator:
             cols = sorted({j for k in g for j in options[k]})
             pick = _min_cost_assignment([[options[k].get(j, np.inf) for j in cols] for k in g])
             chosen = {g[a]: cols[b] for a, b in pick}
+            row_of = {j: k for k, j in chosen.items()}
             for k, j in chosen.items():
                 swaps = []
-                for k2, j2 in chosen.items():
-                    if k2 == k or rows[k2][3] != rows[k][3] or j2 not in options[k] or j not in options[k2]:
+                for j2 in options[k]:
+                    k2 = row_of.get(j2)
+                    if k2 is None or k2 == k or rows[k2][3] != rows[k][3] or j not in options[k2]:
                         continue
                     if int(options[k][j2] // 1e7) == int(options[k][j] // 1e7) and \
                             int(options[k2][j] // 1e7) == int(options[k2][j2] // 1e7) and options[k][j] < 4e7:

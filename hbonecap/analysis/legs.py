@@ -86,8 +86,11 @@ def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
     dst = pk["dst"].astype(object).to_numpy(object)
     a_key = endpoint_keys(src, pk["sport"].to_numpy(np.int64))
     b_key = endpoint_keys(dst, pk["dport"].to_numpy(np.int64))
-    addresses = {int(k) >> 16: ip for k, ip in zip(np.r_[a_key, b_key].tolist(), np.r_[src, dst].tolist())} \
-        if n else {}
+    if n:   # one entry per distinct address (np.unique), not one Python step per packet
+        hashes, first = np.unique(np.r_[a_key, b_key] >> 16, return_index=True)
+        addresses = dict(zip(hashes.tolist(), np.r_[src, dst][first].tolist()))
+    else:
+        addresses = {}
     ts = pk["ts"].to_numpy("datetime64[ns]").view(np.int64)
     flags = pk["tcp_flags"].to_numpy(np.int64, na_value=0)
     seq = pk["seq"].to_numpy(np.int64, na_value=-1)

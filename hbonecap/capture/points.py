@@ -42,7 +42,7 @@ def parse_point(spec: str) -> tuple[str, Point]:
 
 
 def guess_point(name: str, interfaces: list[str], vnis: set[int], addresses: set[str], ports: set[int]) -> Point:
-    low = name.lower()
+    low = re.split(r"[/\\]", name)[-1].lower()     # a folder prefix (two files of one name) is not a hint
     stem = re.sub(r"\.(pcapng|pcap|cap)(\d*)(\.gz)?$", "", low)
     tokens = re.split(r"[-_.]", stem)
     node = None

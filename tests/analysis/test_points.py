@@ -16,6 +16,9 @@ from hbonecap.errors import ManifestError
     ("node-b-any.pcapng", ["eth0", "istioin", "vethztb"], "node", "node-b"),
     ("mystery.pcapng", ["eth0", "pistioin"], "pistioin", None),
     ("pod-a-eth0.pcap", [], "pod", None),
+    # two files of one name in different folders are named folder/file: the folder is no hint
+    ("concurrent/node-a-eth0.pcap", [], "node", "node-a"),
+    ("incident-7\\ztunnel-b-pistioin.pcap", [], "pistioin", "node-b"),
 ])
 def test_guess(name, ifaces, role, node):
     p = guess_point(name, ifaces, set(), set(), set())

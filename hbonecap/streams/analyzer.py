@@ -64,7 +64,7 @@ IDLE_NS = 15 * 60 * 10**9
 CLOSED_LINGER_NS = 60 * 10**9
 FLUSH_EVERY = 4096
 MAX_CONNECTIONS = 200_000
-RUN_PIECE = 16                      # segments of a TcpRun delivered at once
+RUN_PIECE = 32                      # segments of a TcpRun delivered at once
 SERVER_PORTS = frozenset({HBONE_PORT, 15001, 15006, 15088, 15053, 80, 443, 8080, 8443})
 
 

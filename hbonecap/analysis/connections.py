@@ -9,6 +9,8 @@ Retransmissions are data segments whose end does not pass the highest sequence a
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -27,8 +29,9 @@ def connections(packets: pd.DataFrame, first_conn_id: int = 0) -> pd.DataFrame:
     cap = tcp["capture"].astype("category").cat.codes.to_numpy(np.int64)
     # The two directions of a tunnelled connection may use different VNIs (Istio: 1001 out, 1000 in) and
     # different outer UDP source ports: group by the tunnel types and the unordered outer address pair.
-    enc_path = tcp["encap"].astype(object).fillna("").str.replace(r":\d+", "", regex=True)
-    enc = pd.factorize(enc_path)[0].astype(np.int64)
+    enc_codes, enc_names = pd.factorize(tcp["encap"].astype(object).fillna(""))     # regex once per distinct path
+    enc_paths = np.array([re.sub(r":\d+", "", e) for e in enc_names] or [""], dtype=object)
+    enc = pd.factorize(enc_paths[enc_codes])[0].astype(np.int64)
     ifx = tcp["ifindex"].to_numpy(np.int64, na_value=-1)
     addr_cats = pd.Index(pd.unique(pd.concat([tcp[c].astype(object) for c in ("src", "dst", "outer_src", "outer_dst")])))
     os_ = addr_cats.get_indexer(tcp["outer_src"].astype(object)).astype(np.int64)
@@ -48,8 +51,8 @@ def connections(packets: pd.DataFrame, first_conn_id: int = 0) -> pd.DataFrame:
     lo = np.minimum(a_key, b_key)
     hi = np.maximum(a_key, b_key)
     pair = np.stack([cap, enc, ifx, np.minimum(os_, od_), np.maximum(os_, od_), lo, hi], axis=1)
-    _, pair_id = np.unique(pair, axis=0, return_inverse=True)
-    pair_id = pair_id.reshape(-1)
+    # the rank of each row's key in lexicographic order (as np.unique(axis=0) gives, without its slow row sort)
+    pair_id = pd.DataFrame(pair).groupby(list(range(pair.shape[1])), sort=True).ngroup().to_numpy(np.int64)
     order = np.lexsort((index, pair_id))
     pid = pair_id[order]
     syn_only = ((flags & (SYN | ACK)) == SYN)[order]

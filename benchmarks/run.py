@@ -107,8 +107,9 @@ def decode_table(a) -> None:
     rows.append(("hbonecap decode (API, packets table in memory)", wall, cpu, rss))
     out_dir = DATA / "bench-packets"
     shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
     rows.append(("hbonecap decode CLI -> parquet (streaming)",)
-                + run([hb, "decode", str(f), "-f", "parquet", "-o", str(out_dir) + "/"])[:3])
+                + run([hb, "decode", str(f), "-f", "parquet", "-o", str(out_dir)])[:3])
     if not a.skip_tshark and shutil.which("tshark"):
         rows.append(("tshark -T fields",) + run(["tshark", "-r", str(f), "-T", "fields", "-e", "frame.time_epoch",
                                                  "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e",
@@ -139,7 +140,7 @@ def decode_table(a) -> None:
 def memory_check(a) -> None:
     f = capture(a.packets)
     per = f.stat().st_size
-    count = max(1, round(a.memory_set * 1e9 / per))
+    count = max(1, -(-int(a.memory_set * 1e9) // per))     # at least GB gigabytes
     set_dir = DATA / f"memory-set-{count}x{a.packets}"
     set_dir.mkdir(exist_ok=True)
     files = []
@@ -152,9 +153,10 @@ def memory_check(a) -> None:
     hb = shutil.which("hbonecap") or "hbonecap"
     out_dir = DATA / "memory-set-parquet"
     shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()          # an existing directory: one Parquet file per capture point
     rows = []
-    wall, cpu, rss, _ = run([hb, "decode", *files, "-f", "parquet", "-o", str(out_dir) + "/", "-j", str(a.jobs)])
-    rows.append((f"CLI decode -f parquet -o DIR/ -j {a.jobs} (streaming)", a.packets * count, wall, cpu, rss))
+    wall, cpu, rss, _ = run([hb, "decode", *files, "-f", "parquet", "-o", str(out_dir), "-j", str(a.jobs)])
+    rows.append((f"CLI decode -f parquet -o DIR -j {a.jobs} (streaming)", a.packets * count, wall, cpu, rss))
     written = sum(p.stat().st_size for p in out_dir.iterdir())
     shutil.rmtree(out_dir, ignore_errors=True)
     wall, cpu, rss, out = run([sys.executable, "-c", STREAM_INPROC, *files])

@@ -1,5 +1,11 @@
 """Decoding one capture into columns: container walk, vectorised layer walk, then the packets and anomalies
 tables. This is the pure per-capture function that every front end (API, CLI, process pool) calls.
+
+Memory: `decode_capture` returns the whole packets table (about 300 bytes a packet with the declared nullable
+Int64 columns), so its memory grows with the capture; `PacketStream` yields the same table in parts of bounded
+size, and `write_packets` streams it to Parquet (`hbonecap decode -f parquet -o`), so a capture set of any size
+is decoded in bounded memory. Categorical columns are interned from packed 64-bit keys (`hbonecap.layers.keys`);
+the codes are stable across parts.
 """
 from __future__ import annotations
 
@@ -345,7 +351,7 @@ class PacketStream:
     or the rotated files of one point in order; `on_batch` as in `decode_capture`."""
 
     def __init__(self, path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
-                 rows: int | None = 1 << 20,
+                 rows: int | None = 1 << 18,
                  on_batch: Callable[[CaptureReader, RecordBatch, DecodeContext], None] | None = None) -> None:
         self.paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         self.config = config

@@ -109,7 +109,6 @@ def _emit(df, fmt: OutFormat, output: Optional[Path], limit: int, title: str, co
         return
     if wanted:
         df = df[wanted]
-        return
     if fmt is OutFormat.parquet and output is None:
         _fail("--format parquet needs -o PATH")
     if output is None:

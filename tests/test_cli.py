@@ -52,6 +52,19 @@ def test_decode_tables_and_parquet(tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
 
 
+def test_columns_with_csv_and_parquet_write_those_columns(tmp_path):
+    p = _capture(tmp_path)
+    r = runner.invoke(app, ["decode", str(p), "-f", "csv", "--columns", "index,src"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert list(df.columns) == ["index", "src"] and len(df) == 3
+    out = tmp_path / "conn.parquet"
+    r = runner.invoke(app, ["decode", str(p), "-t", "connections", "-f", "parquet", "-o", str(out),
+                            "--columns", "client,server"])
+    assert r.exit_code == 0, r.output
+    assert list(pd.read_parquet(out).columns) == ["client", "server"]
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a capture")

@@ -1178,7 +1178,7 @@ class _Correlator:
     def _assign_records(self, rows: list[tuple], recs: list[tuple], d: int, used: set[int]):
         """Records for events of one HBONE connection and direction: rows (low, high, flow, event, class, size),
         sorted by low; recs (corrected ts, capture, raw ts, InferredRecord) in time order. A minimum cost
-        assignment (scipy's Hungarian method when available, else greedy in row order) per group of rows whose
+        assignment (scipy's Hungarian method; greedy only for groups over 250,000 cells) per group of rows whose
         candidate records overlap. Yields (row, record position, [(other flow, ms apart)] when a swap with
         another row's record costs the same)."""
         times = [x[0] for x in recs]
@@ -1479,20 +1479,17 @@ class _Correlator:
 
 def _min_cost_assignment(cost: list[list[float]]) -> list[tuple[int, int]]:
     """(row, column) pairs of a minimum cost one-to-one assignment; np.inf marks forbidden pairs. scipy's
-    Hungarian method when installed and the matrix is small enough, else greedy cheapest-first."""
+    Hungarian method (a dependency); above 250,000 cells, greedy cheapest-first to bound the time."""
     if not cost or not cost[0]:
         return []
     m = np.asarray(cost, dtype=np.float64)
     finite = np.isfinite(m)
     if m.size <= 250_000:
-        try:
-            from scipy.optimize import linear_sum_assignment
-        except ImportError:
-            linear_sum_assignment = None
-        if linear_sum_assignment is not None:
-            big = (np.max(m[finite]) + 1.0) * (m.shape[0] + 1) if finite.any() else 1.0
-            r, c = linear_sum_assignment(np.where(finite, m, big))
-            return [(int(a), int(b)) for a, b in zip(r, c) if finite[a, b]]
+        from scipy.optimize import linear_sum_assignment
+
+        big = (np.max(m[finite]) + 1.0) * (m.shape[0] + 1) if finite.any() else 1.0
+        r, c = linear_sum_assignment(np.where(finite, m, big))
+        return [(int(a), int(b)) for a, b in zip(r, c) if finite[a, b]]
     out, rows, cols = [], set(), set()
     for a, b in sorted(zip(*np.nonzero(finite)), key=lambda ab: (m[ab[0], ab[1]], ab[0])):
         if a not in rows and b not in cols:

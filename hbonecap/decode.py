@@ -525,41 +525,65 @@ def anomalies_frame(rows: list[tuple]) -> pd.DataFrame:
         "layer": list(layer), "kind": list(kind), "detail": list(detail)})
 
 
+def tcp_segment_rows(ctx: DecodeContext, with_pure_acks: bool = False) -> np.ndarray:
+    """Rows of a decoded batch that are TCP segments for the stream stages: TCP with a payload offset, and without
+    pure ACKs (no payload, no SYN/FIN/RST) unless asked."""
+    tcp = (ctx.proto >> 16) == K.P_TCP
+    tcp &= ctx.payload_off >= 0
+    if not with_pure_acks:
+        tcp &= (ctx.payload_len > 0) | ((ctx.tcp_flags & 0x07) != 0)
+    return np.flatnonzero(tcp)
+
+
+class SegmentText:
+    """Encapsulation and address text of some rows of a decoded batch, as the packets table writes them; each
+    distinct key is turned into text once. `keys[k]` is row k's encapsulation key (depth, type, vni, ...)."""
+
+    def __init__(self, ctx: DecodeContext, rows: np.ndarray) -> None:
+        d = ctx.config.max_tunnel_depth
+        self.ctx = ctx
+        self.keys = np.zeros((len(rows), 1 + 2 * d), dtype=np.int64)
+        self.keys[:, 0] = ctx.depth[rows]
+        self.keys[:, 1::2] = ctx.tun_type[rows]
+        self.keys[:, 2::2] = ctx.tun_vni[rows]
+        self._enc: dict[bytes, str] = {}
+        self._addr: dict[bytes, str | None] = {}
+
+    def encap(self, k: int) -> str:
+        key = self.keys[k].tobytes()
+        enc = self._enc.get(key)
+        if enc is None:
+            enc = self._enc[key] = _encap(key)
+        return enc
+
+    def endpoints(self, i: int) -> tuple[str | None, str | None]:
+        """Source and destination address text of batch row i."""
+        ctx = self.ctx
+        v = bytes([int(ctx.ipver[i])])
+        out = []
+        for key in (v + ctx.src[i].tobytes(), v + ctx.dst[i].tobytes()):
+            if key not in self._addr:
+                self._addr[key] = _address(key)
+            out.append(self._addr[key])
+        return out[0], out[1]
+
+
 def segments_of_batch(capture: str, batch: RecordBatch, ctx: DecodeContext, with_pure_acks: bool = False,
                       index_offset: int = 0):
     """TcpSegment objects for the TCP packets of one decoded batch (see hbonecap.layers.segments)."""
     from hbonecap.layers.segments import TcpSegment
 
-    tcp = (ctx.proto >> 16) == K.P_TCP
-    tcp &= ctx.payload_off >= 0
-    if not with_pure_acks:
-        tcp &= (ctx.payload_len > 0) | ((ctx.tcp_flags & 0x07) != 0)
-    idx = np.flatnonzero(tcp)
+    idx = tcp_segment_rows(ctx, with_pure_acks)
     if not len(idx):
         return
-    n = len(batch)
-    d = ctx.config.max_tunnel_depth
-    ek = np.zeros((n, 1 + 2 * d), dtype=np.int64)
-    ek[:, 0] = ctx.depth
-    ek[:, 1::2] = ctx.tun_type
-    ek[:, 2::2] = ctx.tun_vni
-    enc_cache: dict[bytes, str] = {}
-    addr_cache: dict[bytes, str] = {}
+    text = SegmentText(ctx, idx)
     buf = batch.buf
     numbers = batch.frame_numbers() + index_offset
-    for i in idx.tolist():
-        ekey = ek[i].tobytes()
-        enc = enc_cache.get(ekey)
-        if enc is None:
-            enc = enc_cache[ekey] = _encap(ekey)
-        v = int(ctx.ipver[i])
-        sk = bytes([v]) + ctx.src[i].tobytes()
-        dk = bytes([v]) + ctx.dst[i].tobytes()
-        s = addr_cache.get(sk) or addr_cache.setdefault(sk, _address(sk))
-        dd = addr_cache.get(dk) or addr_cache.setdefault(dk, _address(dk))
+    for k, i in enumerate(idx.tolist()):
+        s, dd = text.endpoints(i)
         start = int(batch.data_off[i] + ctx.payload_off[i])
         plen = int(ctx.payload_len[i])
         end = min(start + plen, int(batch.data_off[i] + batch.caplen[i]))
-        yield TcpSegment(capture, int(numbers[i]), int(batch.ts_ns[i]), enc, s, int(ctx.sport[i]), dd,
+        yield TcpSegment(capture, int(numbers[i]), int(batch.ts_ns[i]), text.encap(k), s, int(ctx.sport[i]), dd,
                          int(ctx.dport[i]), int(ctx.tcp_flags[i]), int(ctx.seq[i]), int(ctx.ack[i]),
                          buf[start:max(start, end)].tobytes(), plen)

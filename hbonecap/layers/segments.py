@@ -88,19 +88,13 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
     Runs are found with array operations over the whole batch; one Python step per run, not per segment."""
     import numpy as np
 
-    from hbonecap.decode import _address, _encap
-    from hbonecap.layers import context as K
+    from hbonecap.decode import SegmentText, tcp_segment_rows
 
-    tcp = ((ctx.proto >> 16) == K.P_TCP) & (ctx.payload_off >= 0)
-    tcp &= (ctx.payload_len > 0) | ((ctx.tcp_flags & 0x07) != 0)
-    idx = np.flatnonzero(tcp)
+    idx = tcp_segment_rows(ctx)
     if not len(idx):
         return
-    d = ctx.config.max_tunnel_depth
-    ek = np.zeros((len(idx), 1 + 2 * d), dtype=np.int64)
-    ek[:, 0] = ctx.depth[idx]
-    ek[:, 1::2] = ctx.tun_type[idx]
-    ek[:, 2::2] = ctx.tun_vni[idx]
+    text = SegmentText(ctx, idx)
+    ek = text.keys
     plen = ctx.payload_len[idx].astype(np.int64)
     start = (batch.data_off[idx] + ctx.payload_off[idx]).astype(np.int64)
     avail = (batch.data_off[idx] + batch.caplen[idx]).astype(np.int64)
@@ -117,8 +111,6 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
         cont[1:] = same
     run_start = np.flatnonzero(~cont)
     run_end = np.r_[run_start[1:], len(idx)]
-    enc_cache: dict[bytes, str] = {}
-    addr_cache: dict[bytes, str] = {}
     buf = batch.buf
     numbers = (batch.frame_numbers()[idx] + index_offset).tolist()
     ts_l = batch.ts_ns[idx].tolist()
@@ -131,16 +123,8 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
     sport_l = ctx.sport[idx].tolist()
     dport_l = ctx.dport[idx].tolist()
     for a, b in zip(run_start.tolist(), run_end.tolist()):
-        i = int(idx[a])
-        ekey = ek[a].tobytes()
-        enc = enc_cache.get(ekey)
-        if enc is None:
-            enc = enc_cache[ekey] = _encap(ekey)
-        v = int(ctx.ipver[i])
-        sk = bytes([v]) + ctx.src[i].tobytes()
-        dk = bytes([v]) + ctx.dst[i].tobytes()
-        s = addr_cache.get(sk) or addr_cache.setdefault(sk, _address(sk))
-        dd = addr_cache.get(dk) or addr_cache.setdefault(dk, _address(dk))
+        enc = text.encap(a)
+        s, dd = text.endpoints(int(idx[a]))
         if b - a == 1:
             st, n = start_l[a], plen_l[a]
             end = min(st + n, avail_l[a])

@@ -11,20 +11,12 @@ from hbonecap.streams.http2 import frames
 from hbonecap.streams.tls import records
 
 
-def _frame_start_by_offset(buf: bytes) -> int:
+def _start_by_offset(buf: bytes, plausible, header: int) -> int:
+    """The first offset where a plausible header is followed by another one or ends the data: every offset tried."""
     n = len(buf)
-    for pos in range(0, n - 9 + 1):
-        size = frames.plausible(buf, pos)
-        if size >= 0 and (pos + size == n or (pos + size + 9 <= n and frames.plausible(buf, pos + size) >= 0)):
-            return pos
-    return -1
-
-
-def _record_start_by_offset(buf: bytes) -> int:
-    n = len(buf)
-    for pos in range(0, n - 5 + 1):
-        size = records.plausible(buf, pos)
-        if size >= 0 and (pos + size == n or (pos + size + 5 <= n and records.plausible(buf, pos + size) >= 0)):
+    for pos in range(0, n - header + 1):
+        size = plausible(buf, pos)
+        if size >= 0 and (pos + size == n or (pos + size + header <= n and plausible(buf, pos + size) >= 0)):
             return pos
     return -1
 
@@ -51,8 +43,8 @@ def test_scanners_equal_the_offset_by_offset_search(noise, cut):
     chain_f = bytes.fromhex("000004080000000000") + b"\x00\x00\x10\x00" + bytes.fromhex("000000040100000000")
     chain_r = bytes.fromhex("1703030004") + b"abcd" + bytes.fromhex("1703030002") + b"ef"
     for buf in (noise, noise + chain_f, noise[:cut] + chain_r + noise[cut:]):
-        assert frames.find_frame_start(buf) == _frame_start_by_offset(buf)
-        assert records.find_record_start(buf) == _record_start_by_offset(buf)
+        assert frames.find_frame_start(buf) == _start_by_offset(buf, frames.plausible, 9)
+        assert records.find_record_start(buf) == _start_by_offset(buf, records.plausible, 5)
         growing = bytearray(buf)
         frames.find_frame_start(growing)
         growing += b"x"                                # the scan released the buffer: it can still grow

@@ -304,6 +304,12 @@ class HboneConnection:
         if not end.server_side and self.state != "open" or end.server_side and self.server_state != "open":
             self._handshake_step(t, d)
             return
+        self._read_plaintext(t, d)
+        self._flush(t, d)
+
+    def _read_plaintext(self, t: int, d: int) -> None:
+        """Everything TLS endpoint d can decrypt now, handed to its HTTP/2 connection."""
+        end = self.tls[d]
         chunks = []
         try:
             while True:
@@ -315,7 +321,6 @@ class HboneConnection:
             pass
         if chunks:
             self._h2_events(t, d, self.h2[d].receive_data(b"".join(chunks)))
-        self._flush(t, d)
 
     # handshake
     def open(self, t: int, on_open) -> None:
@@ -350,18 +355,7 @@ class HboneConnection:
             self.at(t_last + LINK_NS, self._deliver, 1 - d, wire)
 
     def _deliver_pending(self, t: int, d: int) -> None:
-        end = self.tls[d]
-        chunks = []
-        try:
-            while True:
-                piece = end.read(1 << 20)
-                if not piece:
-                    break
-                chunks.append(piece)
-        except ssl.SSLWantReadError:
-            pass
-        if chunks:
-            self._h2_events(t, d, self.h2[d].receive_data(b"".join(chunks)))
+        self._read_plaintext(t, d)
         h = self.h2[d]
         data = h.data_to_send()
         if data:

@@ -71,17 +71,21 @@ class CaptureResult:
     requests: pd.DataFrame
     secrets: int = 0
     streams_detail: object = field(default=None, repr=False)   # StreamResults (tunnel bytes, record timelines)
+    inputs: object = field(default=None, repr=False)           # analysis.inputs.CaptureInputs (correlation's)
 
 
 def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
                     name: str | None = None, keylog=None, streams: bool = True,
-                    embedded_keys: bool = True) -> CaptureResult:
+                    embedded_keys: bool = True, inputs: bool = False, packets=True) -> CaptureResult:
     """Decode one capture point (a file, or its rotated files in order) and derive its per-capture tables.
     Raises CaptureError for a file that is not a capture.
 
     keylog: a `KeyLog` (not modified); TLS secrets embedded in the capture (pcapng DSBs) are added to a copy.
     streams: run the stream stages (TCP reassembly, TLS, HTTP/2, HBONE) over the TCP segments.
     embedded_keys: use the TLS secrets of pcapng Decryption Secrets Blocks (False: counted, not used).
+    inputs: also compute what correlation needs from the packets (`analysis.inputs.CaptureInputs`).
+    packets: True to return the packets table; False to leave it out (an empty table); a directory to write it
+    there as this capture's partition of a Parquet dataset (`DIR/capture=NAME/`) and leave it out.
     """
     import copy
 
@@ -117,6 +121,11 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
     reqs = detail.frame("requests") if detail else tables.empty("requests")
     anomalies = tables.concat("anomalies", [dec.anomalies, detail.frame("anomalies") if detail else None])
     tun, reqs = _link_connections(conns, tun, reqs)
+    found = None
+    if inputs:
+        from hbonecap.analysis.inputs import capture_inputs
+
+        found = capture_inputs(pk)
     link_types = sorted({LINKTYPE_NAMES.get(i.link_type, f"linktype:{i.link_type}") for i in info.interfaces})
     ifnames = [i.name for i in info.interfaces if i.name]
     if point is None:
@@ -132,8 +141,35 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         "comment": [redact_secrets(" | ".join(info.comments))], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
         "role": [point.role], "node": [point.node], "role_reason": [point.reason],
     }
-    return CaptureResult(tables.frame("captures", row), pk, conns, anomalies, tun, strm, reqs, len(info.secrets),
-                         detail)
+    captures = tables.frame("captures", row)
+    if packets is not True:
+        if packets is not False and packets is not None:
+            write_packets_partition(pk, Path(packets), info.name)
+        pk = tables.empty("packets")
+    return CaptureResult(captures, pk, conns, anomalies, tun, strm, reqs, len(info.secrets), detail, found)
+
+
+def partition_dir(root: Path, capture: str) -> Path:
+    """The folder of one capture in a packets dataset (hive style, the name URI-encoded as pyarrow reads it)."""
+    from urllib.parse import quote
+
+    return Path(root) / f"capture={quote(str(capture), safe='')}"
+
+
+def write_packets_partition(pk: pd.DataFrame, root: Path, capture: str) -> Path:
+    """One capture's packets table as its partition of the Parquet dataset at `root` (replacing an earlier one)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = partition_dir(root, capture)
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    f = d / "part-0.parquet"
+    pq.write_table(pa.Table.from_pandas(pk.drop(columns=["capture"]), preserve_index=False), f)
+    return f
 
 
 def _link_connections(conns: pd.DataFrame, tun: pd.DataFrame, reqs: pd.DataFrame):
@@ -181,11 +217,32 @@ class Analysis:
     TABLES = ("captures", "packets", "connections", "anomalies", "tunnels", "streams", "requests", "flows", "hops",
               "clock", "latency", "tunnel_records")
 
-    def __init__(self, **frames: pd.DataFrame) -> None:
+    def __init__(self, packets_path: str | os.PathLike | None = None, **frames: pd.DataFrame) -> None:
+        self._packets = None
+        # where the packets table is when it was written to disk instead of kept (`analyze(packets=DIR)`)
+        self.packets_path = Path(packets_path) if packets_path is not None else None
         for name in self.TABLES:
+            if name == "packets" and "packets" not in frames and self.packets_path is not None:
+                continue
             setattr(self, name, frames.get(name, tables.empty(name)))
         # per capture: the stream stages' detail (tunnelled bytes with times, TLS record timelines)
         self.details: dict[str, object] = {}
+        # per capture: what correlation needs from its packets (analysis.inputs.CaptureInputs)
+        self.inputs: dict[str, object] = {}
+
+    @property
+    def packets(self):
+        """One row per packet. With `analyze(packets=DIR)` the table is on disk (a Parquet dataset partitioned by
+        capture) and is read on first access: all of it in memory then; `pandas.read_parquet(DIR, filters=...)`
+        reads a part."""
+        if self._packets is None:
+            self._packets = read_packets(self.packets_path) if self.packets_path is not None else \
+                tables.empty("packets")
+        return self._packets
+
+    @packets.setter
+    def packets(self, value) -> None:
+        self._packets = value
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in self.TABLES:
@@ -209,17 +266,24 @@ class Analysis:
         d.mkdir(parents=True, exist_ok=True)
         written = []
         for name in self.TABLES:
-            df = self.table(name)
+            df = self._packets if name == "packets" else self.table(name)
             if name == "packets" and format == "parquet":
-                f = d / "packets"
-                if f.exists():
-                    import shutil
+                import shutil
 
+                f = d / "packets"
+                on_disk = self._packets is None and self.packets_path is not None
+                if on_disk and f.resolve() == self.packets_path.resolve():
+                    written.append(f)       # already there: the workers wrote it (analyze(packets=DIR))
+                    continue
+                if f.exists():
                     shutil.rmtree(f)
-                _write_partitioned(df, f)
+                if on_disk:
+                    shutil.copytree(self.packets_path, f)
+                else:
+                    _write_partitioned(df, f)
             else:
                 f = d / f"{name}.{format}"
-                write_table(df, f, format)
+                write_table(self.table(name), f, format)
             written.append(f)
         manifest = {"hbonecap": hbonecap.__version__, "format": format, "tables": list(self.TABLES)}
         (d / "hbonecap.json").write_text(json.dumps(manifest, indent=1))
@@ -304,9 +368,21 @@ def load(directory: str | os.PathLike) -> "Analysis":
         if not f.exists():
             frames[name] = tables.empty(name)
             continue
+        if name == "packets" and fmt == "parquet":
+            frames[name] = read_packets(f)
+            continue
         df = pd.read_parquet(f) if fmt == "parquet" else pd.read_csv(f, keep_default_na=True)
         frames[name] = _restore(name, df)
     return Analysis(**frames)
+
+
+def read_packets(path: str | os.PathLike) -> pd.DataFrame:
+    """A packets table written as a Parquet dataset partitioned by capture (`Analysis.save`, `analyze(packets=DIR)`),
+    with the declared dtypes, in capture and packet order."""
+    p = Path(path)
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return tables.empty("packets")
+    return _restore("packets", pd.read_parquet(p))
 
 
 def _restore(name: str, df: pd.DataFrame) -> pd.DataFrame:
@@ -352,7 +428,7 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, scheduler=None, engine: str = "pandas",
             on_error: str = "raise", streams: bool = True, correlate: bool = True,
             progress: Callable[[str, int, int], None] | None = None, k8s=None,
-            embedded_keys: bool = True) -> Analysis:
+            embedded_keys: bool = True, packets: bool | str | os.PathLike = True) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
@@ -369,6 +445,10 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     connections only). correlate: tie connections across captures into flows, hops, clock offsets and latency.
     k8s: kubectl/istioctl JSON (a file, a folder, a list of them, or a `hbonecap.k8s.Inventory`): captures without
     an explicit point are placed from their addresses, and tables gain names next to addresses (see hbonecap.k8s).
+    packets: keep the packets table in memory (True, `a.packets`); leave it out (False: correlation does not need
+    it, each capture's process hands over only what correlation reads from it, so memory does not grow with the
+    packet count of the set); or a directory: each capture's process writes its packets there (a Parquet dataset
+    partitioned by capture, replacing those captures' earlier partitions) and `a.packets` reads it on first access.
     """
     from hbonecap.capture.points import parse_point
 
@@ -376,6 +456,11 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         raise HbonecapError(f"engine must be pandas or dask, not {engine!r}")
     if engine == "dask" and scheduler is None:
         raise HbonecapError("engine='dask' needs a scheduler (a Dask scheduler address or Client)")
+    if engine == "dask" and packets is not True:
+        raise HbonecapError("engine='dask' keeps the packets table on the cluster: packets must be True")
+    if packets is not True and packets is not False:
+        packets = str(Path(packets).resolve())
+        Path(packets).mkdir(parents=True, exist_ok=True)
     files = expand_paths(paths)
     from hbonecap.k8s import as_inventory
 
@@ -408,7 +493,7 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         pt = assigned.get(os.path.basename(base)) or assigned.get(base) or \
             next((assigned[os.path.basename(m)] for m in members if os.path.basename(m) in assigned), None)
         args.append((members if len(members) > 1 else members[0], config, pt, names[base], kl, streams,
-                     embedded_keys))
+                     embedded_keys, engine != "dask", packets))
     results: list[CaptureResult] = []
     errors: list[tuple] = []
     labels = [g[0] for g in groups]
@@ -431,11 +516,12 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
                 progress(labels[i], i + 1, len(args))
     for res, err in outcomes:
         _collect(res, err, results, errors, on_error)
-    a = _assemble(results, errors + keylog_anomalies)
+    a = _assemble(results, errors + keylog_anomalies, packets)
     if inventory is not None:
-        from hbonecap.k8s import address_groups, place_captures
+        from hbonecap.analysis.inputs import placement_groups
+        from hbonecap.k8s import place_captures
 
-        a.captures, placed = place_captures(a.captures, address_groups(a.packets, a.connections), inventory)
+        a.captures, placed = place_captures(a.captures, placement_groups(a), inventory)
         a.anomalies = tables.concat("anomalies", [a.anomalies, anomalies_frame(inventory.anomalies + placed)])
     if remote_packets is not None:
         # the packets stay on the cluster: correlation's per-packet work and joins run there (analysis/cluster.py)
@@ -560,9 +646,9 @@ def _unique_names(files: list[str]) -> dict[str, str]:
     return out
 
 
-def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True):
+def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True, inputs=False, packets=True):
     try:
-        return analyze_capture(path, config, point, name, keylog, streams, embedded_keys), None
+        return analyze_capture(path, config, point, name, keylog, streams, embedded_keys, inputs, packets), None
     except CaptureError as e:
         return None, e
 
@@ -576,7 +662,7 @@ def _collect(res, err, results, errors, on_error):
         results.append(res)
 
 
-def _assemble(results: list[CaptureResult], errors: list[tuple]) -> Analysis:
+def _assemble(results: list[CaptureResult], errors: list[tuple], packets=True) -> Analysis:
     conns, tuns, reqs = [], [], []
     next_id = 0
     for r in results:
@@ -596,9 +682,10 @@ def _assemble(results: list[CaptureResult], errors: list[tuple]) -> Analysis:
         tuns.append(t)
         reqs.append(q)
     anomalies = tables.concat("anomalies", [r.anomalies for r in results] + [anomalies_frame(errors)])
+    kept = {"packets": tables.concat("packets", [r.packets for r in results])} if packets is True else {}
     a = Analysis(
+        packets_path=packets if packets is not True and packets is not False else None, **kept,
         captures=tables.concat("captures", [r.captures for r in results]),
-        packets=tables.concat("packets", [r.packets for r in results]),
         connections=tables.concat("connections", conns),
         anomalies=anomalies,
         tunnels=tables.concat("tunnels", tuns),
@@ -606,4 +693,5 @@ def _assemble(results: list[CaptureResult], errors: list[tuple]) -> Analysis:
         requests=tables.concat("requests", reqs),
     )
     a.details = {r.captures["capture"].iloc[0]: r.streams_detail for r in results}
+    a.inputs = {r.captures["capture"].iloc[0]: r.inputs for r in results if r.inputs is not None}
     return a

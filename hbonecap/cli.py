@@ -57,7 +57,8 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
                   quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas",
-                  manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None, embedded_keys: bool = True):
+                  manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None, embedded_keys: bool = True,
+                  packets=True):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -77,7 +78,8 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
     try:
         if quiet or not sys.stderr.isatty():
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
-                                    scheduler=scheduler, engine=engine, k8s=k8s or None, embedded_keys=embedded_keys)
+                                    scheduler=scheduler, engine=engine, k8s=k8s or None, embedded_keys=embedded_keys,
+                                    packets=packets)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -88,7 +90,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
 
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
                                     scheduler=scheduler, engine=engine, progress=step, k8s=k8s or None,
-                                    embedded_keys=embedded_keys)
+                                    embedded_keys=embedded_keys, packets=packets)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -247,8 +249,15 @@ def correlate(
     """Analyse a capture set: capture points, clock offsets, flows, latency per hop, HBONE tunnels, anomalies."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
+    # the packets table is not shown here: with -o (Parquet) each capture's process writes it to OUTPUT/packets,
+    # else it is not kept (memory then does not grow with the packet count); -f csv keeps it to write packets.csv
+    packets: object = False
+    if output is not None and fmt is OutFormat.parquet and engine != "dask":
+        packets = output / "packets"
+    elif output is not None or engine == "dask":
+        packets = True
     a = _run_analysis(files, keylog, point, jobs, scheduler=scheduler, engine=engine, manifest=manifest, k8s=k8s,
-                      embedded_keys=not ignore_embedded_keys)
+                      embedded_keys=not ignore_embedded_keys, packets=packets)
     cap = a.captures[["capture", "format", "role", "node", "pod", "packets", "first_ts", "last_ts", "anomalies",
                       "role_reason"]]
     if not cap["pod"].notna().any():
@@ -299,7 +308,7 @@ def report(
     """Write the postmortem report: one self-contained HTML file."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, point, jobs, k8s=k8s, embedded_keys=not ignore_embedded_keys)
+    a = _run_analysis(files, keylog, point, jobs, k8s=k8s, embedded_keys=not ignore_embedded_keys, packets=False)
     from hbonecap.report import write_report
 
     write_report(a, output, title)

@@ -54,9 +54,9 @@ import pandas as pd
 from hbonecap import tables
 from hbonecap.analysis.keyless import data_payload, infer_records
 from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
-from hbonecap.analysis.cluster import (address_counts, datagram_rows, first_writes, is_dask, legs_on_cluster,
-                                       tcp_of)
-from hbonecap.analysis.legs import Legs, build_legs, leg_state
+from hbonecap.analysis.cluster import first_writes, tcp_of
+from hbonecap.analysis.inputs import correlation_address_counts, correlation_datagrams, correlation_legs
+from hbonecap.analysis.legs import Legs, leg_state
 
 HOST_RE = re.compile(r"(?:^|[-_.])((?:node|ztunnel|pod|waypoint|worker)[-_]?[a-z0-9]*)(?=[-_.]|$)")
 IFACE_RE = re.compile(r"(eth|ens|enp|eno|veth|br|bond|wlan)\w*|any|lo|p?istio(in|out)|cni\w*|geneve\w*|vxlan\w*")
@@ -149,8 +149,7 @@ class _Correlator:
     # ------------------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, pd.DataFrame]:
         a = self.a
-        self.L: Legs = legs_on_cluster(a.packets, [c for c, n in zip(a.captures["capture"], a.captures["packets"])
-                                                   if n > 0]) if is_dask(a.packets) else build_legs(a.packets)
+        self.L: Legs = correlation_legs(a)
         self.caps = self.L.captures
         self.cap_index = {c: i for i, c in enumerate(self.caps)}
         ci = a.captures.set_index("capture") if len(a.captures) else pd.DataFrame(columns=["role", "node"])
@@ -177,7 +176,7 @@ class _Correlator:
 
     # --- capture points ----------------------------------------------------------------------------------------
     def _owner_ips(self) -> dict[str, str]:
-        counts, od = address_counts(self.a.packets)
+        counts, od = correlation_address_counts(self.a)
         if counts.empty:
             return {}
         owners: dict[str, str] = {}
@@ -277,7 +276,7 @@ class _Correlator:
         for c in all_caps:
             self.group.setdefault(c, self.node.get(c) or self._host_group(c))
         groups = sorted(set(self.group.values()))
-        dg = datagram_deltas(datagram_rows(self.a.packets), all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
+        dg = datagram_deltas(correlation_datagrams(self.a), all_caps, {i: self.group[c] for i, c in enumerate(all_caps)})
         self.pairs = pair_estimates(deltas) if len(deltas) else []
         if len(dg):   # only for pairs of clocks that share no TCP connection: TCP matching is unambiguous
             have = {(p.a, p.b) for p in self.pairs}

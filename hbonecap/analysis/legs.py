@@ -57,6 +57,9 @@ def _endpoint_names(addr: dict[int, str], keys: np.ndarray) -> np.ndarray:
 
 SIDE_EVENTS = ("syn", "synack", "data", "fin", "rst", "any")
 PACKET_COLUMNS = ["ts", "leg", "from_lo", "seq", "ack", "tsval", "flags", "plen"]
+_NO_PACKETS = pd.DataFrame({"ts": np.zeros(0, np.int64), "leg": np.zeros(0, np.int64), "from_lo": np.zeros(0, bool),
+                            "seq": np.zeros(0, np.int64), "ack": np.zeros(0, np.int64), "tsval": np.zeros(0, np.int64),
+                            "flags": np.zeros(0, np.int64), "plen": np.zeros(0, np.int64)})
 
 
 @dataclass
@@ -166,9 +169,16 @@ def build_legs(packets: pd.DataFrame, captures: list[str] | None = None) -> Legs
     if len(pk):
         for c, idx in pd.Series(np.arange(len(pk))).groupby(names).groups.items():
             parts[str(c)] = capture_legs(pk.iloc[np.asarray(idx)])
+    return legs_of_parts(captures, parts)
+
+
+def legs_of_parts(captures: list[str], parts: dict[str, CaptureLegs]) -> Legs:
+    """`Legs` from the per-capture halves (`capture_legs` of each capture that has TCP packets), wherever they were
+    computed; `captures` gives the capture codes (`cap`) in order."""
+    parts = {c: p for c, p in parts.items() if len(p.packets)}
     joined = join_legs(captures, parts)
     tcp = pd.concat([attach_lconns(parts[c].packets, i, joined) for i, c in enumerate(captures) if c in parts],
-                    ignore_index=True) if parts else attach_lconns(capture_legs(pk.iloc[:0]).packets, 0, joined)
+                    ignore_index=True) if parts else attach_lconns(_NO_PACKETS, 0, joined)
     return Legs(tcp, joined.legs, joined.lconns, captures)
 
 

@@ -287,7 +287,8 @@ def unwrap(a, path: str | Path, geneve: bool = True) -> dict:
     frames: list[Packet] = []
     seen: set[bytes] = set()
     if geneve and len(a.captures):
-        tunnelled = set(a.packets.loc[a.packets["vni"].notna(), "capture"].astype(str)) if len(a.packets) else set()
+        pk = a.packets     # (without a packets table every capture is read for inner frames)
+        tunnelled = set(pk.loc[pk["vni"].notna(), "capture"].astype(str)) if len(pk) else set(a.captures["capture"])
         for r in a.captures.itertuples(index=False):
             if r.capture in tunnelled:
                 for p in str(r.path).split(";"):

@@ -1,0 +1,116 @@
+"""What correlation needs from one capture's packets, computed where that capture is analysed.
+
+Correlation reads four things from the packets table: the per-capture half of the leg builder
+(`legs.capture_legs`: per-leg rows and a slim per-packet TCP table), per-address packet counts (capture-point
+identity), the non-TCP datagrams that carry an IP identification (clock offsets between captures with no TCP in
+common), and per-address-set packet counts for Kubernetes placement. Each is a function of one capture alone, so
+`analyze_capture` computes them in the process that decoded the capture (`CaptureInputs`), and the packets table
+itself need not reach the process that correlates: it can stay in memory, go to Parquet from the worker, or be
+dropped (`analyze(..., packets=...)`). `correlation_legs` and the other readers below take an `Analysis` and use
+its per-capture inputs when it has them for every capture, else derive the same from `a.packets` (an analysis
+loaded from disk, a Dask packets table, a table built by hand): both give the same tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from hbonecap.analysis.cluster import (DATAGRAM_COLUMNS, OWNER_COLUMNS, _address_counts, address_counts,
+                                       datagram_rows, is_dask, legs_on_cluster)
+from hbonecap.analysis.legs import CaptureLegs, Legs, build_legs, capture_legs, legs_of_parts, tcp_rows
+
+
+@dataclass
+class CaptureInputs:
+    """Correlation's inputs from one capture (picklable; a few dozen bytes per TCP packet, see `legs`).
+
+    legs: `capture_legs` of the capture's TCP packets.
+    counts, geneve_dst: `cluster.address_counts` of the capture (rows capture, ip, n).
+    datagrams: `cluster.datagram_rows` of the capture.
+    groups: `k8s.placement.address_groups` of the capture (capture, addresses, packets)."""
+
+    legs: CaptureLegs
+    counts: pd.DataFrame
+    geneve_dst: pd.DataFrame
+    datagrams: pd.DataFrame
+    groups: pd.DataFrame
+
+
+def capture_inputs(packets: pd.DataFrame) -> CaptureInputs:
+    """The inputs of one capture's packets table."""
+    from hbonecap.k8s.placement import address_groups
+
+    counts, od = _address_counts(packets)
+    return CaptureInputs(capture_legs(tcp_rows(packets)), counts, od, datagram_rows(packets),
+                         address_groups(packets, None))
+
+
+def _complete(a) -> dict[str, CaptureInputs] | None:
+    """The analysis's per-capture inputs, when there is one for every capture with packets."""
+    inputs = getattr(a, "inputs", None)
+    if not inputs:
+        return None
+    caps = _captures_with_packets(a)
+    return inputs if all(c in inputs for c in caps) else None
+
+
+def _captures_with_packets(a) -> list[str]:
+    return [str(c) for c, n in zip(a.captures["capture"], a.captures["packets"]) if n > 0]
+
+
+def correlation_legs(a) -> Legs:
+    """Legs and logical connections of the analysis (`legs.build_legs` of its packets table)."""
+    inputs = _complete(a)
+    if inputs is not None:
+        caps = _captures_with_packets(a)
+        return legs_of_parts(caps, {c: inputs[c].legs for c in caps})
+    if is_dask(a.packets):
+        return legs_on_cluster(a.packets, _captures_with_packets(a))
+    return build_legs(a.packets)
+
+
+def correlation_address_counts(a) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`cluster.address_counts` of the analysis."""
+    inputs = _complete(a)
+    if inputs is None:
+        return address_counts(a.packets)
+    out = []
+    for k in ("counts", "geneve_dst"):
+        frames = [getattr(x, k) for x in inputs.values() if len(getattr(x, k))]
+        if not frames:
+            out.append(pd.DataFrame(columns=OWNER_COLUMNS))
+            continue
+        f = pd.concat(frames, ignore_index=True)
+        out.append(f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index())
+    return out[0], out[1]
+
+
+def correlation_datagrams(a) -> pd.DataFrame:
+    """`cluster.datagram_rows` of the analysis."""
+    inputs = _complete(a)
+    if inputs is None:
+        return datagram_rows(a.packets)
+    frames = [x.datagrams for x in inputs.values() if len(x.datagrams)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=object) for c in DATAGRAM_COLUMNS})
+    out = pd.concat([f.astype({c: object for c in ("capture", "src", "dst", "proto")}) for f in frames],
+                    ignore_index=True)
+    return out
+
+
+def placement_groups(a) -> pd.DataFrame:
+    """`k8s.placement.address_groups` of the analysis."""
+    from hbonecap.k8s.placement import address_groups
+
+    inputs = _complete(a)
+    if inputs is None:
+        return address_groups(a.packets, a.connections)
+    frames = [x.groups for x in inputs.values() if len(x.groups)]
+    if not frames:
+        return address_groups(None, a.connections)
+    return pd.concat(frames, ignore_index=True)
+
+
+__all__ = ["CaptureInputs", "capture_inputs", "correlation_legs", "correlation_address_counts",
+           "correlation_datagrams", "placement_groups"]

@@ -111,42 +111,96 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         for item in tcp_runs_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
             analyzer.feed_any(item)     # a TcpSegment, or a TcpRun of contiguous segments taken at once
 
-    dec = decode_capture(path, config, name=name, on_batch=feed if analyzer is not None else None)
-    info = dec.info
-    pk = dec.packets
-    conns = connections(pk)
+    on_batch = feed if analyzer is not None else None
+    if packets is True:
+        dec = decode_capture(path, config, name=name, on_batch=on_batch)
+        info, pk, decode_anomalies = dec.info, dec.packets, dec.anomalies
+        conns = connections(pk)
+        found = None
+        if inputs:
+            from hbonecap.analysis.inputs import capture_inputs
+
+            found = capture_inputs(pk)
+        ts = pk["ts"].dropna() if len(pk) else pd.Series([], dtype=tables.TS)
+        n_packets, n_bytes = len(pk), int(pk["caplen"].sum()) if len(pk) else 0
+        first_ts, last_ts = (ts.min(), ts.max()) if len(ts) else (pd.NaT, pd.NaT)
+        vnis = set(pk["vni"].dropna().astype(int).unique().tolist()) if len(pk) else set()
+        ports = set(pk["dport"].dropna().astype(int).unique().tolist()) if len(pk) else set()
+    else:
+        # the packets table is not returned: decode it part by part (written to Parquet if asked) and keep only
+        # what the per-capture tables and correlation read from it, so memory follows the TCP rows' few columns
+        info, decode_anomalies, b, tcp = _decode_lean(path, config, name, on_batch,
+                                                      None if packets is False or packets is None else Path(packets))
+        conns = connections(tcp)
+        found = b.inputs(tcp) if inputs else None
+        del tcp
+        pk = tables.empty("packets")
+        n_packets, n_bytes = b.packets, b.bytes
+        first_ts = b.first_ts if b.first_ts is not None else pd.NaT
+        last_ts = b.last_ts if b.last_ts is not None else pd.NaT
+        vnis, ports = b.vnis, b.ports
     detail = analyzer.close() if analyzer is not None else None
     tun = detail.frame("tunnels") if detail else tables.empty("tunnels")
     strm = detail.frame("streams") if detail else tables.empty("streams")
     reqs = detail.frame("requests") if detail else tables.empty("requests")
-    anomalies = tables.concat("anomalies", [dec.anomalies, detail.frame("anomalies") if detail else None])
+    anomalies = tables.concat("anomalies", [decode_anomalies, detail.frame("anomalies") if detail else None])
     tun, reqs = _link_connections(conns, tun, reqs)
-    found = None
-    if inputs:
-        from hbonecap.analysis.inputs import capture_inputs
-
-        found = capture_inputs(pk)
     link_types = sorted({LINKTYPE_NAMES.get(i.link_type, f"linktype:{i.link_type}") for i in info.interfaces})
     ifnames = [i.name for i in info.interfaces if i.name]
     if point is None:
-        vnis = set(pk["vni"].dropna().astype(int).unique().tolist()) if len(pk) else set()
-        ports = set(pk["dport"].dropna().astype(int).unique().tolist()) if len(pk) else set()
         point = guess_point(info.name, ifnames, vnis, set(), ports)
-    ts = pk["ts"].dropna() if len(pk) else pd.Series([], dtype=tables.TS)
     row = {
         "capture": [info.name], "path": [info.path], "format": [info.format], "link_types": [",".join(link_types)],
-        "interfaces": [",".join(ifnames)], "packets": [len(pk)], "bytes": [int(pk["caplen"].sum()) if len(pk) else 0],
-        "first_ts": [ts.min() if len(ts) else pd.NaT], "last_ts": [ts.max() if len(ts) else pd.NaT],
+        "interfaces": [",".join(ifnames)], "packets": [n_packets], "bytes": [n_bytes],
+        "first_ts": [first_ts], "last_ts": [last_ts],
         "snaplen": [max((i.snaplen for i in info.interfaces), default=0)],
         "comment": [redact_secrets(" | ".join(info.comments))], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
         "role": [point.role], "node": [point.node], "role_reason": [point.reason],
     }
     captures = tables.frame("captures", row)
-    if packets is not True:
-        if packets is not False and packets is not None:
-            write_packets_partition(pk, Path(packets), info.name)
-        pk = tables.empty("packets")
     return CaptureResult(captures, pk, conns, anomalies, tun, strm, reqs, len(info.secrets), detail, found)
+
+
+def _decode_lean(path, config: DecodeConfig, name: str | None, on_batch, out: Path | None):
+    """Decode one capture point part by part (`PacketStream`): each part goes to the capture's Parquet partition
+    under `out` (if given) and into an `InputsBuilder`, then is dropped. Returns (info, decode anomalies, the
+    builder, the TCP rows' table)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hbonecap.analysis.inputs import InputsBuilder
+    from hbonecap.decode import PacketStream, _dictionary_columns, _parquet_schema
+
+    builder = InputsBuilder()
+    stream = PacketStream(path, config, name=name, on_batch=on_batch)
+    writer = target = None
+    try:
+        for part in stream:
+            if out is not None and writer is None:
+                d = partition_dir(out, str(part["capture"].iloc[0]) if len(part) else (name or Path(str(path)).name))
+                if d.exists():
+                    shutil.rmtree(d)
+                d.mkdir(parents=True)
+                target = d / "part-0.parquet"
+                schema = _parquet_schema(part.drop(columns=["capture"]))
+                writer = pq.ParquetWriter(str(target), schema, use_dictionary=_dictionary_columns(schema))
+            if writer is not None and len(part):
+                writer.write_table(pa.Table.from_pandas(part.drop(columns=["capture"]), preserve_index=False)
+                                   .cast(writer.schema))
+            builder.add(part)
+            del part
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            target.unlink(missing_ok=True)
+        raise
+    if writer is not None:
+        writer.close()
+    elif out is not None:           # no packets at all: the partition holds an empty table
+        write_packets_partition(tables.empty("packets"), out, stream.info.name)
+    return stream.info, stream.anomalies, builder, builder.tcp()
 
 
 def partition_dir(root: Path, capture: str) -> Path:

@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hbonecap.analysis.legs import (CaptureLegs, JoinedLegs, Legs, attach_lconns, build_legs, capture_legs,
-                                    join_legs, tcp_rows)
+from hbonecap.analysis.legs import (TCP_DTYPES, CaptureLegs, JoinedLegs, Legs, attach_lconns, build_legs,
+                                    capture_legs, join_legs, tcp_rows)
 
-TCP_META = pd.DataFrame({c: pd.Series([], dtype="int64")
-                         for c in ("cap", "ts", "leg", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen")})
+TCP_META = pd.DataFrame({c: pd.Series([], dtype=dt) for c, dt in TCP_DTYPES.items()})
 
 
 def is_dask(df) -> bool:
@@ -81,7 +80,7 @@ def tcp_of(legs: Legs, lconns) -> pd.DataFrame:
     """The per-packet TCP rows of some logical connections, as a pandas DataFrame (computed on the cluster)."""
     want = sorted({int(x) for x in lconns})
     t = legs.tcp[legs.tcp["lconn"].isin(want)]
-    return t.compute().reset_index(drop=True) if is_dask(t) else t.copy()
+    return t.compute().reset_index(drop=True) if is_dask(t) else t     # (a new frame: copy-on-write)
 
 
 OWNER_COLUMNS = ["capture", "ip", "n"]

@@ -46,6 +46,97 @@ def capture_inputs(packets: pd.DataFrame) -> CaptureInputs:
                          address_groups(packets, None))
 
 
+# the packets table's columns that the per-capture tables read from TCP packets: `connections.connections` and
+# `legs.capture_legs` (kept per part by `InputsBuilder`, about a third of a packets row)
+TCP_COLUMNS = ["capture", "index", "ts", "interface", "ifindex", "encap", "vni", "outer_src", "outer_dst", "src", "dst",
+               "proto", "sport", "dport", "tcp_flags", "seq", "ack", "tsval", "payload_len"]
+
+
+class InputsBuilder:
+    """`capture_inputs` over a capture's packets table given part by part (`decode.PacketStream`, category codes
+    stable across parts), without the whole table: per-part address counts, datagrams and placement groups are
+    added up as they come; only the TCP rows' `TCP_COLUMNS` are kept, for the connections table and the legs.
+
+    `add(part)` for each part in order, then `tcp()` (the TCP rows, a packets-shaped table with TCP_COLUMNS) and
+    `inputs(tcp)`. Also counts what the captures table needs: packets, bytes, first/last time, VNIs, ports."""
+
+    def __init__(self) -> None:
+        self._tcp: list[pd.DataFrame] = []
+        self._counts: list[pd.DataFrame] = []
+        self._od: list[pd.DataFrame] = []
+        self._datagrams: list[pd.DataFrame] = []
+        self._groups: dict[tuple, int] = {}
+        self.packets = 0
+        self.bytes = 0
+        self.first_ts = None
+        self.last_ts = None
+        self.vnis: set[int] = set()
+        self.ports: set[int] = set()
+
+    def add(self, part: pd.DataFrame) -> None:
+        from hbonecap.k8s.placement import address_groups
+
+        if not len(part):
+            return
+        self.packets += len(part)
+        self.bytes += int(part["caplen"].sum())
+        ts = part["ts"].dropna()
+        if len(ts):
+            lo, hi = ts.min(), ts.max()
+            self.first_ts = lo if self.first_ts is None else min(self.first_ts, lo)
+            self.last_ts = hi if self.last_ts is None else max(self.last_ts, hi)
+        self.vnis.update(part["vni"].dropna().astype(int).unique().tolist())
+        self.ports.update(part["dport"].dropna().astype(int).unique().tolist())
+        m = ((part["proto"] == "tcp") & part["sport"].notna() & part["src"].notna()).to_numpy(bool)
+        if m.any():
+            self._tcp.append(part.loc[m, TCP_COLUMNS])
+        counts, od = _address_counts(part)
+        self._counts.append(counts)
+        self._od.append(od)
+        dg = datagram_rows(part)
+        if len(dg):
+            self._datagrams.append(dg.astype({c: object for c in ("capture", "src", "dst", "proto")}))
+        for cap, addrs, n in address_groups(part, None).itertuples(index=False):
+            self._groups[(cap, addrs)] = self._groups.get((cap, addrs), 0) + n
+
+    def tcp(self) -> pd.DataFrame:
+        """The TCP rows of every part, one table (categorical columns over the union of the parts' categories)."""
+        from pandas.api.types import union_categoricals
+
+        parts, self._tcp = self._tcp, []
+        if not parts:
+            from hbonecap import tables
+
+            return tables.empty("packets")[TCP_COLUMNS]
+        if len(parts) == 1:
+            return parts[0].reset_index(drop=True)
+        out = {}
+        for c in TCP_COLUMNS:
+            cols = [p[c] for p in parts]
+            if isinstance(cols[0].dtype, pd.CategoricalDtype):
+                out[c] = pd.Series(union_categoricals([x.array for x in cols], ignore_order=True))
+            else:
+                out[c] = pd.concat(cols, ignore_index=True)
+            for p in parts:            # release each part's column as soon as it is copied
+                del p[c]
+        return pd.DataFrame(out, copy=False)
+
+    def inputs(self, tcp: pd.DataFrame) -> CaptureInputs:
+        """The capture's `CaptureInputs`, from the parts added and `tcp()`'s table."""
+        def summed(frames: list[pd.DataFrame]) -> pd.DataFrame:
+            frames = [f for f in frames if len(f)]
+            if not frames:
+                return pd.DataFrame(columns=OWNER_COLUMNS)
+            f = pd.concat(frames, ignore_index=True)
+            return f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index()
+
+        dg = pd.concat(self._datagrams, ignore_index=True) if self._datagrams else \
+            pd.DataFrame({c: pd.Series([], dtype=object) for c in DATAGRAM_COLUMNS})
+        groups = pd.DataFrame([(c, a, n) for (c, a), n in self._groups.items()],
+                              columns=["capture", "addresses", "packets"])
+        return CaptureInputs(capture_legs(tcp_rows(tcp)), summed(self._counts), summed(self._od), dg, groups)
+
+
 def _complete(a) -> dict[str, CaptureInputs] | None:
     """The analysis's per-capture inputs, when there is one for every capture with packets."""
     inputs = getattr(a, "inputs", None)
@@ -112,5 +203,5 @@ def placement_groups(a) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["CaptureInputs", "capture_inputs", "correlation_legs", "correlation_address_counts",
+__all__ = ["CaptureInputs", "InputsBuilder", "TCP_COLUMNS", "capture_inputs", "correlation_legs", "correlation_address_counts",
            "correlation_datagrams", "placement_groups"]

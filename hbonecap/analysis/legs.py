@@ -28,7 +28,7 @@ class Legs:
     """Result of `build_legs`.
 
     tcp: one row per TCP packet (capture code `cap`, `ts` ns, `leg`, `lconn`, `dir` 0 client->server / 1 back,
-    seq, ack, tsval, flags, plen).
+    seq, ack, tsval, flags, plen; narrow integer dtypes, `TCP_DTYPES`).
     legs: one row per (capture, logical connection): times of the TCP events at that capture (ns, -1 if not seen).
     lconns: one row per logical connection: client, server endpoints as "ip:port".
     captures: capture names indexed by `cap`.
@@ -57,9 +57,13 @@ def _endpoint_names(addr: dict[int, str], keys: np.ndarray) -> np.ndarray:
 
 SIDE_EVENTS = ("syn", "synack", "data", "fin", "rst", "any")
 PACKET_COLUMNS = ["ts", "leg", "from_lo", "seq", "ack", "tsval", "flags", "plen"]
-_NO_PACKETS = pd.DataFrame({"ts": np.zeros(0, np.int64), "leg": np.zeros(0, np.int64), "from_lo": np.zeros(0, bool),
+# per-packet columns are as narrow as their values allow: they are the bulk of correlation's memory (tens of bytes
+# per TCP packet of the whole set); ts, seq, ack and tsval stay int64 (-1 = absent)
+TCP_DTYPES = {"cap": np.int16, "ts": np.int64, "leg": np.int32, "lconn": np.int32, "dir": np.int8, "seq": np.int64,
+              "ack": np.int64, "tsval": np.int64, "flags": np.int16, "plen": np.int32}
+_NO_PACKETS = pd.DataFrame({"ts": np.zeros(0, np.int64), "leg": np.zeros(0, np.int32), "from_lo": np.zeros(0, bool),
                             "seq": np.zeros(0, np.int64), "ack": np.zeros(0, np.int64), "tsval": np.zeros(0, np.int64),
-                            "flags": np.zeros(0, np.int64), "plen": np.zeros(0, np.int64)})
+                            "flags": np.zeros(0, np.int16), "plen": np.zeros(0, np.int32)})
 
 
 @dataclass
@@ -152,8 +156,9 @@ def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
         legs[f"encap_{side}"] = first_by_leg(sent & tunnelled, np.ones(n, np.int64), 0).astype(bool)
     legs["packets_lo"], legs["packets_hi"] = cnt[0].to_numpy(np.int64), cnt[1].to_numpy(np.int64)
     legs["bytes_lo"], legs["bytes_hi"] = byt[0].to_numpy(np.int64), byt[1].to_numpy(np.int64)
-    packets = pd.DataFrame({"ts": ts, "leg": leg, "from_lo": from_lo, "seq": seq, "ack": ack, "tsval": tsval,
-                            "flags": flags, "plen": plen})
+    packets = pd.DataFrame({"ts": ts, "leg": leg.astype(np.int32), "from_lo": from_lo, "seq": seq, "ack": ack,
+                            "tsval": tsval, "flags": flags.astype(np.int16), "plen": plen.astype(np.int32)},
+                           copy=False)
     return CaptureLegs(packets, legs, addresses)
 
 
@@ -177,9 +182,17 @@ def legs_of_parts(captures: list[str], parts: dict[str, CaptureLegs]) -> Legs:
     computed; `captures` gives the capture codes (`cap`) in order."""
     parts = {c: p for c, p in parts.items() if len(p.packets)}
     joined = join_legs(captures, parts)
-    tcp = pd.concat([attach_lconns(parts[c].packets, i, joined) for i, c in enumerate(captures) if c in parts],
-                    ignore_index=True) if parts else attach_lconns(_NO_PACKETS, 0, joined)
-    return Legs(tcp, joined.legs, joined.lconns, captures)
+    # the captures' rows written into preallocated columns (no concatenation copy of the largest table)
+    n = sum(len(p.packets) for p in parts.values())
+    cols = {c: np.empty(n, dt) for c, dt in TCP_DTYPES.items()}
+    pos = 0
+    for i, c in enumerate(captures):
+        if c in parts:
+            k = len(parts[c].packets)
+            for col, values in _attached(parts[c].packets, i, joined).items():
+                cols[col][pos:pos + k] = values
+            pos += k
+    return Legs(pd.DataFrame(cols, copy=False), joined.legs, joined.lconns, captures)
 
 
 @dataclass
@@ -299,14 +312,17 @@ def join_legs(captures: list[str], parts: dict[str, CaptureLegs]) -> JoinedLegs:
 
 def attach_lconns(packets: pd.DataFrame, cap: int, joined: JoinedLegs) -> pd.DataFrame:
     """One capture's per-packet rows (`CaptureLegs.packets`) in the global numbering: `Legs.tcp`'s columns."""
+    return pd.DataFrame(_attached(packets, cap, joined), copy=False)
+
+
+def _attached(packets: pd.DataFrame, cap: int, joined: JoinedLegs) -> dict[str, np.ndarray]:
     leg = packets["leg"].to_numpy(np.int64) + joined.leg_offset.get(cap, 0)
     lconn = joined.lconn_of_leg[leg] if len(leg) else np.zeros(0, np.int64)
     from_client = packets["from_lo"].to_numpy(bool) == joined.client_is_lo[lconn] if len(leg) else np.zeros(0, bool)
-    return pd.DataFrame({"cap": np.full(len(leg), cap, np.int64), "ts": packets["ts"].to_numpy(np.int64),
-                         "leg": leg, "lconn": lconn, "dir": (~from_client).astype(np.int64),
-                         "seq": packets["seq"].to_numpy(np.int64), "ack": packets["ack"].to_numpy(np.int64),
-                         "tsval": packets["tsval"].to_numpy(np.int64), "flags": packets["flags"].to_numpy(np.int64),
-                         "plen": packets["plen"].to_numpy(np.int64)})
+    out = {"cap": np.full(len(leg), cap), "ts": packets["ts"].to_numpy(), "leg": leg, "lconn": lconn,
+           "dir": ~from_client, "seq": packets["seq"].to_numpy(), "ack": packets["ack"].to_numpy(),
+           "tsval": packets["tsval"].to_numpy(), "flags": packets["flags"].to_numpy(), "plen": packets["plen"].to_numpy()}
+    return {c: np.asarray(v).astype(TCP_DTYPES[c], copy=False) for c, v in out.items()}
 
 
 def _undo_redirects(cap, a_key, b_key, flags, seq, ack):

@@ -86,21 +86,46 @@ def tcp_of(legs: Legs, lconns) -> pd.DataFrame:
 OWNER_COLUMNS = ["capture", "ip", "n"]
 
 
+def _codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, values) of a column: category codes (-1 for NA) or factorised values."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.codes.to_numpy(np.int64), np.asarray(col.cat.categories, dtype=object)
+    codes, uniq = pd.factorize(col.astype(object), use_na_sentinel=True)
+    return codes.astype(np.int64), np.asarray(uniq, dtype=object)
+
+
 def _address_counts(pk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     if pk.empty:
         return pd.DataFrame(columns=OWNER_COLUMNS), pd.DataFrame(columns=OWNER_COLUMNS)
-    tun = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
-    cap = pk["capture"].astype(object).to_numpy(object)
+    # counted on category codes, the few distinct combinations turned into text afterwards
+    tun = pk["encap"].astype(object).fillna("").to_numpy(object) != "" if not isinstance(
+        pk["encap"].dtype, pd.CategoricalDtype) else _nonempty_category(pk["encap"])
+    cap, cap_names = _codes(pk["capture"])
     parts = []
     for outer, inner in (("outer_src", "src"), ("outer_dst", "dst")):
-        v = np.where(tun, pk[outer].astype(object).to_numpy(object), pk[inner].astype(object).to_numpy(object))
-        parts.append(pd.DataFrame({"capture": cap, "ip": v}))
-    ips = pd.concat(parts, ignore_index=True).dropna()
-    counts = ips.groupby(["capture", "ip"]).size().rename("n").reset_index()
+        oc, on = _codes(pk[outer])
+        ic, inn = _codes(pk[inner])
+        combos = pd.DataFrame({"cap": cap, "tun": tun, "o": oc, "i": ic}).value_counts(sort=False).reset_index()
+        t = combos["tun"].to_numpy(bool)
+        code = np.where(t, combos["o"].to_numpy(), combos["i"].to_numpy())
+        names = np.where(t, on[np.maximum(code, 0)] if len(on) else None, inn[np.maximum(code, 0)] if len(inn) else None)
+        keep = code >= 0
+        parts.append(pd.DataFrame({"capture": cap_names[combos["cap"].to_numpy()[keep]], "ip": names[keep],
+                                   "n": combos["count"].to_numpy(np.int64)[keep]}))
+    ips = pd.concat(parts, ignore_index=True)
+    counts = ips.groupby(["capture", "ip"])["n"].sum().rename("n").reset_index()
     gen = pk["vni"].isin([1000, 1001]).fillna(False).to_numpy(bool) & tun
-    od = pd.DataFrame({"capture": cap[gen], "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}).dropna()
+    od = pd.DataFrame({"capture": cap_names[cap[gen]], "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}
+                      ).dropna() if gen.any() else pd.DataFrame({"capture": [], "ip": []})
     od = od.groupby(["capture", "ip"]).size().rename("n").reset_index()
     return counts, od
+
+
+def _nonempty_category(col: pd.Series) -> np.ndarray:
+    """Rows whose (categorical) value is present and not the empty string."""
+    cats = np.asarray(col.cat.categories, dtype=object)
+    ok = np.r_[np.array([c != "" for c in cats], dtype=bool), False]     # code -1 (NA) -> the last entry
+    return ok[col.cat.codes.to_numpy(np.int64)]
 
 
 def address_counts(packets) -> tuple[pd.DataFrame, pd.DataFrame]:

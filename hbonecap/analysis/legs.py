@@ -86,6 +86,16 @@ def tcp_rows(packets: pd.DataFrame) -> pd.DataFrame:
     return packets.loc[m]
 
 
+def pair_codes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Codes of the (a, b) pairs in order of first appearance, as `pd.factorize` of the tuples gives, without
+    building tuples: each side factorised alone, the two codes combined into one integer, that factorised."""
+    if not len(a):
+        return np.zeros(0, np.int64)
+    ca, _ = pd.factorize(a)
+    cb, ub = pd.factorize(b)
+    return pd.factorize(ca.astype(np.int64) * len(ub) + cb)[0].astype(np.int64)
+
+
 def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
     """Legs of one capture's TCP packets (`tcp_rows` of its packets table)."""
     n = len(pk)
@@ -109,7 +119,7 @@ def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
     from_lo = a_key == lo
 
     # legs: unordered pairs, split where a SYN brings a new initial sequence number
-    pair_id = pd.factorize(pd.MultiIndex.from_arrays([lo, hi]))[0].astype(np.int64) if n else np.zeros(0, np.int64)
+    pair_id = pair_codes(lo, hi)
     order = np.lexsort((ts, pair_id))
     pid = pair_id[order]
     syn_only = ((flags & (SYN | ACK)) == SYN)[order]

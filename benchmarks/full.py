@@ -1,7 +1,7 @@
 """Full-analysis benchmark: `hbonecap correlate` on a realistic capture set (benchmarks/mesh.py) against tshark
 decrypting the same captures with the same key log, in one run.
 
-    python benchmarks/full.py [--mb 300] [--jobs N] [--skip-tshark] [--write]
+    python benchmarks/full.py [--mb 300] [--jobs N] [--skip-tshark] [--write] [--memory-set 5000]
 
 Contenders, each in its own process (peak RSS = ru_maxrss of that process and its children):
   * `hbonecap correlate DIR -k keylog.txt -m points.toml -j N -o OUT` (decode, streams, correlation, Parquet);
@@ -10,6 +10,8 @@ Contenders, each in its own process (peak RSS = ru_maxrss of that process and it
     captures' TCP segments, one process: MB/s of tunnel payload (TLS bytes on 15008) per core;
   * tshark with the key log, decrypting and dissecting HTTP/2 on every capture (`-Y http2 -T fields`).
 Ratios are hbonecap's packets/s over tshark's. `--write` puts the table in benchmarks/full-analysis.md.
+`--memory-set MB` adds the memory check: `hbonecap correlate -o` over a mesh set of that size (5000: 5 GB), with
+the peak RSS of its largest process and of all its processes together.
 """
 from __future__ import annotations
 
@@ -63,22 +65,54 @@ print(spent, decrypted)
 
 
 MEASURE = r"""
-import resource, subprocess, sys, time
+import os, resource, subprocess, sys, threading, time
+
+def tree_rss(root):
+    # resident kB of `root` and all its descendants, from /proc
+    parent, rss = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/statm") as f:
+                rss[int(d)] = int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
 t = time.perf_counter()
-p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+peak_total = [0]
+def sample():
+    while proc.poll() is None:
+        peak_total[0] = max(peak_total[0], tree_rss(proc.pid))
+        time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
+out, err = proc.communicate()
 wall = time.perf_counter() - t
-sys.stdout.write(p.stdout)
-sys.stderr.write(p.stderr[-2000:])
-print(f"@@ {p.returncode} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.stdout.write(out)
+sys.stderr.write(err[-2000:])
+print(f"@@ {proc.returncode} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {peak_total[0]}",
+      file=sys.stderr)
 """
 
 
-def run(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB: the largest of the command's processes) and stdout of one command."""
+def run(cmd: list[str], total: bool = False):
+    """Wall seconds, peak RSS (MB: the largest of the command's processes) and stdout of one command; with
+    total=True also the peak of the summed RSS of the command's process tree (sampled every 0.1 s)."""
     p = subprocess.run([sys.executable, "-c", MEASURE] + cmd, capture_output=True, text=True)
-    rc, wall, rss = p.stderr.rsplit("@@ ", 1)[1].split()
+    rc, wall, rss, tree = p.stderr.rsplit("@@ ", 1)[1].split()
     if int(rc) != 0:
         raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    if total:
+        return float(wall), int(rss) / 1024, int(tree) / 1024, p.stdout
     return float(wall), int(rss) / 1024, p.stdout
 
 
@@ -88,6 +122,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-tshark", action="store_true")
     ap.add_argument("--write", action="store_true", help="write the table to benchmarks/full-analysis.md")
+    ap.add_argument("--memory-set", type=float, default=0, metavar="MB",
+                    help="also run correlate -o on a mesh set of this size (e.g. 5000) and report peak memory")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import mesh
@@ -145,10 +181,40 @@ def main() -> None:
                   f"**{tunnel_mb / unwrap_s:,.0f} MB/s per core**; {decrypted} tunnels decrypted; "
                   f"peak RSS {rss_u:,.0f} MB.",
               "", "Targets (issue 7): >= 1M packets/s per core overall, >= 200 MB/s per core of tunnel payload."]
+    if a.memory_set:
+        lines += [""] + memory_rows(a, hb)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write:
         (HERE / "full-analysis.md").write_text(text)
+
+
+def memory_rows(a, hb: str) -> list[str]:
+    """`hbonecap correlate -o` on a large mesh set: peak RSS of the largest process and of the whole process tree."""
+    import mesh
+    import pandas as pd
+
+    d = DATA / f"mesh-{a.memory_set:g}"
+    if not (d / "mesh.json").exists():
+        mesh.generate(d, a.memory_set)
+    truth = json.loads((d / "mesh.json").read_text())
+    files = [d / f"{n}.pcap" for n in mesh.CAPTURES]
+    packets = sum(c["packets"] for c in truth["captures"].values())
+    gb = sum(f.stat().st_size for f in files) / 1e9
+    out = [f"Memory: benchmarks/mesh.py --mb {a.memory_set:g}: {len(files)} captures, {gb:.2f} GB, {packets:,} packets, "
+           f"{len(truth['connections'])} connections. `hbonecap correlate DIR -k -m -o OUT -j N` (the packets table "
+           f"streamed to OUT/packets by each capture's process; RSS sampled every 0.1 s):", "",
+           "| run | wall s | packets/s | flows exact | peak RSS, largest process MB | peak RSS, all processes MB |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for jobs in sorted({1, a.jobs}):
+        res = DATA / "mesh-memory-out"
+        wall, rss, tree, _ = run([hb, "correlate", str(d), "-k", str(d / "keylog.txt"), "-m", str(d / "points.toml"),
+                                  "-j", str(jobs), "-o", str(res)], total=True)
+        flows = pd.read_parquet(res / "flows.parquet")
+        exact = int((flows["match"] == "exact").sum())
+        out.append(f"| correlate -j {jobs} | {wall:.1f} | {packets / wall:,.0f} | {exact} of {len(truth['connections'])} "
+                   f"| {rss:,.0f} | {tree:,.0f} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -103,3 +103,58 @@ def test_dask_engine_needs_the_packets_table():
 
     with pytest.raises(HbonecapError, match="packets must be True"):
         hbonecap.analyze(SAMPLES / "sequential", engine="dask", scheduler="tcp://127.0.0.1:1", packets=False)
+
+
+def _analyze_both(paths, **kw):
+    from hbonecap.errors import CaptureError
+
+    out = []
+    for packets in (True, False):
+        try:
+            out.append(hbonecap.analyze(paths, packets=packets, on_error="report", **kw))
+        except CaptureError as e:      # (on_error="report" turns unreadable files into rows; nothing else raises)
+            raise AssertionError(e) from e
+    return out
+
+
+def test_hostile_input_lean_equals_full(tmp_path):
+    """Truncated and corrupted captures: the lean path (decoded part by part) reports the same rows."""
+    import random
+
+    from tests.packets import eth, geneve, ipv4, tcp, udp, write_pcap
+
+    inner = eth(ipv4("10.244.1.5", "10.96.0.10", 6, tcp(40000, 9080, b"GET / HTTP/1.1\r\n\r\n")))
+    frames = [eth(ipv4("172.18.0.2", "172.18.0.3", 17, udp(5, 6081, geneve(1001, inner))))] * 3 + \
+        [eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 15008, b"\x16\x03\x01\x00\x05hello")))] * 3
+    src = tmp_path / "src.pcap"
+    write_pcap(src, frames)
+    data = src.read_bytes()
+    rng = random.Random(7)
+    flagged = 0
+    for k in range(12):
+        body = bytearray(data[: rng.randrange(24, len(data) + 1)])
+        for _ in range(k):                       # a few flipped bytes after the file header
+            body[rng.randrange(24, len(body))] ^= 0xFF if len(body) > 24 else 0
+        d = tmp_path / f"case{k}"
+        d.mkdir()
+        (d / "x.pcap").write_bytes(bytes(body))
+        (d / "junk.pcap").write_bytes(bytes(rng.randrange(256) for _ in range(200)))
+        full, lean = _analyze_both(d)
+        _same(full, lean, ["captures", "connections", "anomalies", "tunnels", "requests", "flows"])
+        flagged += bool(set(full.anomalies["kind"]) - {"capture_unreadable"})
+    assert flagged >= 6          # most cases really are damaged captures, not just unreadable files
+
+
+@pytest.mark.conformance
+def test_conformance_captures_lean_equals_full():
+    from tests.conftest import CONFORMANCE
+
+    names = ["the-tcpdump-group_tcpdump/tests/geneve.pcap", "zeek_zeek/testing/btest/Traces/linux_dlt_sll2.pcap",
+             "gopacket_gopacket/pcapgo/tests/le/test202.pcapng", "the-tcpdump-group_tcpdump/tests/vxlan.pcap",
+             "zeek_zeek/testing/btest/Traces/tunnels/geneve-many-options.pcap", "secdev_scapy/test/pcaps/macos.pcapng.gz"]
+    files = [CONFORMANCE / n for n in names if (CONFORMANCE / n).exists()]
+    if not files:
+        pytest.skip(f"conformance captures not found at {CONFORMANCE}")
+    full, lean = _analyze_both(files)
+    assert len(full.connections) > 0
+    _same(full, lean)

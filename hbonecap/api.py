@@ -76,7 +76,8 @@ class CaptureResult:
 
 def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
                     name: str | None = None, keylog=None, streams: bool = True,
-                    embedded_keys: bool = True, inputs: bool = False, packets=True) -> CaptureResult:
+                    embedded_keys: bool = True, inputs: bool = False, packets=True,
+                    tunnel_bytes: bool = True) -> CaptureResult:
     """Decode one capture point (a file, or its rotated files in order) and derive its per-capture tables.
     Raises CaptureError for a file that is not a capture.
 
@@ -86,6 +87,7 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
     inputs: also compute what correlation needs from the packets (`analysis.inputs.CaptureInputs`).
     packets: True to return the packets table; False to leave it out (an empty table); a directory to write it
     there as this capture's partition of a Parquet dataset (`DIR/capture=NAME/`) and leave it out.
+    tunnel_bytes: keep the CONNECT streams' tunnelled bytes (for `Analysis.unwrap`; up to 256 MB per capture).
     """
     import copy
 
@@ -99,7 +101,7 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         if keylog is not None:
             kl = copy.deepcopy(keylog)
             kl.anomalies = []      # reported once for the whole analysis, not per capture
-        analyzer = StreamAnalyzer(kl, config)
+        analyzer = StreamAnalyzer(kl, config, tunnel_bytes=tunnel_bytes)
     used_secrets = 0
 
     def feed(reader, batch, ctx) -> None:
@@ -366,6 +368,11 @@ class Analysis:
         pcapng for Wireshark; returns counts. See `hbonecap.export.inner`."""
         from hbonecap.export.inner import unwrap
 
+        if len(self.streams) and any(d is not None and not getattr(d, "kept_tunnel_bytes", True)
+                                     for d in self.details.values()):
+            raise HbonecapError("this analysis did not keep the tunnelled bytes (analyze(..., tunnel_bytes=False), "
+                                "as `hbonecap correlate` and `report` run it): analyse with tunnel_bytes=True, or "
+                                "use `hbonecap unwrap`")
         out = unwrap(self, path, geneve=geneve)
         out.pop("views", None)
         return out
@@ -482,7 +489,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             config: DecodeConfig = DEFAULT_CONFIG, jobs: int | None = 1, scheduler=None, engine: str = "pandas",
             on_error: str = "raise", streams: bool = True, correlate: bool = True,
             progress: Callable[[str, int, int], None] | None = None, k8s=None,
-            embedded_keys: bool = True, packets: bool | str | os.PathLike = True) -> Analysis:
+            embedded_keys: bool = True, packets: bool | str | os.PathLike = True,
+            tunnel_bytes: bool = True) -> Analysis:
     """Analyse captures.
 
     paths: files, globs or directories; rotated files of one capture point (`tcpdump -C`: x.pcap, x.pcap1...;
@@ -503,6 +511,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     it, each capture's process hands over only what correlation reads from it, so memory does not grow with the
     packet count of the set); or a directory: each capture's process writes its packets there (a Parquet dataset
     partitioned by capture, replacing those captures' earlier partitions) and `a.packets` reads it on first access.
+    tunnel_bytes: keep the tunnelled bytes of CONNECT streams (up to 1 MB per stream and direction, 256 MB per
+    capture) for `a.unwrap()`; False when they are not wanted saves that memory (correlation does not need them).
     """
     from hbonecap.capture.points import parse_point
 
@@ -547,7 +557,7 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         pt = assigned.get(os.path.basename(base)) or assigned.get(base) or \
             next((assigned[os.path.basename(m)] for m in members if os.path.basename(m) in assigned), None)
         args.append((members if len(members) > 1 else members[0], config, pt, names[base], kl, streams,
-                     embedded_keys, engine != "dask", packets))
+                     embedded_keys, engine != "dask", packets, tunnel_bytes))
     results: list[CaptureResult] = []
     errors: list[tuple] = []
     labels = [g[0] for g in groups]
@@ -700,9 +710,11 @@ def _unique_names(files: list[str]) -> dict[str, str]:
     return out
 
 
-def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True, inputs=False, packets=True):
+def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True, inputs=False, packets=True,
+                  tunnel_bytes=True):
     try:
-        return analyze_capture(path, config, point, name, keylog, streams, embedded_keys, inputs, packets), None
+        return analyze_capture(path, config, point, name, keylog, streams, embedded_keys, inputs, packets,
+                               tunnel_bytes), None
     except CaptureError as e:
         return None, e
 

@@ -58,7 +58,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[List[str]], jobs: Optional[int],
                   quiet: bool = False, streams: bool = True, scheduler: Optional[str] = None, engine: str = "pandas",
                   manifest: Optional[Path] = None, k8s: Optional[List[Path]] = None, embedded_keys: bool = True,
-                  packets=True):
+                  packets=True, tunnel_bytes: bool = False):
     import hbonecap
     from hbonecap.errors import HbonecapError
 
@@ -79,7 +79,7 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
         if quiet or not sys.stderr.isatty():
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
                                     scheduler=scheduler, engine=engine, k8s=k8s or None, embedded_keys=embedded_keys,
-                                    packets=packets)
+                                    packets=packets, tunnel_bytes=tunnel_bytes)
         from rich.progress import Progress
 
         with Progress(transient=True) as prog:
@@ -90,7 +90,8 @@ def _run_analysis(files: List[str], keylog: Optional[Path], points: Optional[Lis
 
             return hbonecap.analyze(files, keylog=keylog, points=mapping, jobs=jobs, streams=streams,
                                     scheduler=scheduler, engine=engine, progress=step, k8s=k8s or None,
-                                    embedded_keys=embedded_keys, packets=packets)
+                                    embedded_keys=embedded_keys, packets=packets,
+                                    tunnel_bytes=tunnel_bytes)
     except HbonecapError as e:
         _fail(str(e))
 
@@ -326,7 +327,7 @@ def unwrap(
     """Write the tunnelled conversations as plain TCP to a pcapng that Wireshark dissects."""
     if keylog is not None and not keylog.exists():
         _fail(f"{keylog}: key log not found")
-    a = _run_analysis(files, keylog, None, jobs)
+    a = _run_analysis(files, keylog, None, jobs, tunnel_bytes=True)
     counts = a.unwrap(output, geneve=not no_geneve)
     typer.echo(f"wrote {counts['packets']} packets ({counts['streams']} CONNECT streams, {counts['inner_frames']} "
                f"tunnel inner frames) to {output}", err=True)

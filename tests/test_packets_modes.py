@@ -158,3 +158,17 @@ def test_conformance_captures_lean_equals_full():
     full, lean = _analyze_both(files)
     assert len(full.connections) > 0
     _same(full, lean)
+
+
+def test_tunnel_bytes_not_kept_same_tables_and_unwrap_says_why(tmp_path):
+    from hbonecap.errors import HbonecapError
+
+    d = _need("sequential")
+    full = hbonecap.analyze(d, keylog=d / "keylog.txt")
+    lean = hbonecap.analyze(d, keylog=d / "keylog.txt", packets=False, tunnel_bytes=False)
+    _same(full, lean)
+    assert any(det.tunnel_bytes for det in full.details.values() if det is not None)
+    assert not any(det.tunnel_bytes for det in lean.details.values() if det is not None)
+    with pytest.raises(HbonecapError, match="tunnel_bytes=True"):
+        lean.unwrap(tmp_path / "x.pcapng")
+    assert full.unwrap(tmp_path / "y.pcapng")["streams"] > 0

@@ -123,6 +123,7 @@ class StreamResults:
     records: dict[str, list[tuple[int, int, int, int, int]]] = field(default_factory=dict)
     http2_headers: list[dict] = field(default_factory=list)
     plaintext: dict[str, tuple[TimedBytes, TimedBytes]] = field(default_factory=dict)
+    kept_tunnel_bytes: bool = True      # False: tunnel_bytes was not kept (StreamAnalyzer(tunnel_bytes=False))
 
     def frame(self, name: str):
         """One of the tables as a DataFrame with the declared dtypes."""
@@ -136,10 +137,12 @@ class StreamResults:
 class _Ctx:
     """What every stack of one analyzer shares."""
 
-    def __init__(self, keylog: KeyLog | None, keep_plaintext: bool, config) -> None:
+    def __init__(self, keylog: KeyLog | None, keep_plaintext: bool, config, tunnel_bytes: bool = True) -> None:
         self.results = StreamResults()
         self.keylog = keylog
         self.keep_plaintext = keep_plaintext
+        self.tunnel_bytes = tunnel_bytes
+        self.results.kept_tunnel_bytes = tunnel_bytes
         self.config = config
         self.capture = ""
         self.index: int | None = None
@@ -438,12 +441,13 @@ class _Stack:
     def _tunnel_event(self, t) -> None:
         ctx = self.ctx
         if isinstance(t, hb.TunnelBytes):
-            key = (self.sid, t.stream_id)
-            tb = ctx.results.tunnel_bytes.setdefault(key, (TimedBytes(), TimedBytes()))
-            kept = tb[t.direction]
-            before = len(kept.data)
-            kept.add(t.data, min(TUNNEL_BYTES_CAP, before + max(0, TUNNEL_BYTES_TOTAL - ctx.tunnel_bytes_kept)))
-            ctx.tunnel_bytes_kept += len(kept.data) - before
+            if ctx.tunnel_bytes:
+                key = (self.sid, t.stream_id)
+                tb = ctx.results.tunnel_bytes.setdefault(key, (TimedBytes(), TimedBytes()))
+                kept = tb[t.direction]
+                before = len(kept.data)
+                kept.add(t.data, min(TUNNEL_BYTES_CAP, before + max(0, TUNNEL_BYTES_TOTAL - ctx.tunnel_bytes_kept)))
+                ctx.tunnel_bytes_kept += len(kept.data) - before
             child = self.children.get(t.stream_id)
             if child is None:
                 stream = self.hbone.streams[t.stream_id]
@@ -639,8 +643,11 @@ class StreamAnalyzer:
     text arrives (pcapng Decryption Secrets Blocks), then ``close()`` for the `StreamResults`.
     """
 
-    def __init__(self, keylog: KeyLog | None = None, config=DEFAULT_CONFIG, keep_plaintext: bool = False) -> None:
-        self.ctx = _Ctx(keylog, keep_plaintext, config)
+    def __init__(self, keylog: KeyLog | None = None, config=DEFAULT_CONFIG, keep_plaintext: bool = False,
+                 tunnel_bytes: bool = True) -> None:
+        """tunnel_bytes: keep the tunnelled bytes of CONNECT streams (`StreamResults.tunnel_bytes`, within
+        TUNNEL_BYTES_CAP/TOTAL) for export; False keeps none (the stages still see them all)."""
+        self.ctx = _Ctx(keylog, keep_plaintext, config, tunnel_bytes)
         self.conns: dict[tuple, _Conn] = {}
         self.next_conn_id = 0
         self.segments = 0

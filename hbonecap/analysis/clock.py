@@ -82,10 +82,10 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     cap_to_grp = np.asarray([gcode[group_of_cap[c]] for c in range(len(legs.captures))], dtype=np.int64)
 
     def prepare(t: pd.DataFrame) -> pd.DataFrame:
-        t = t[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval", "flags", "plen"]].copy()
-        t["fl"] = packet_class(t["flags"], t["plen"])
-        t["grp"] = cap_to_grp[t["cap"].to_numpy()]
-        return t
+        # a new frame (copy-on-write: the selected columns are not copied), narrow added columns
+        return t[["cap", "ts", "lconn", "dir", "seq", "ack", "tsval"]].assign(
+            fl=packet_class(t["flags"], t["plen"]).astype(np.int8),
+            grp=cap_to_grp[t["cap"].to_numpy()].astype(np.int16))
 
     t = tcp.map_partitions(prepare, meta=prepare(tcp._meta)) if remote else prepare(tcp)
     # up to three captures per (group, lconn), those with the most packets of it: the pair of captures closest
@@ -100,9 +100,12 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     if rep.empty:
         return pd.DataFrame(columns=cols)
 
+    # (a capture's group is fixed, so (lconn, cap) picks the same rows as (grp, lconn, cap))
+    rep_keys = np.unique(rep["lconn"].to_numpy(np.int64) * 65536 + rep["cap"].to_numpy(np.int64))
+
     def first_sight(d: pd.DataFrame) -> pd.DataFrame:   # exact per partition: a capture is in one partition
-        return d.merge(rep, on=["grp", "lconn", "cap"], how="inner").sort_values("ts", kind="stable") \
-            .drop_duplicates(["cap"] + KEY, keep="first")
+        keep = np.isin(d["lconn"].to_numpy(np.int64) * 65536 + d["cap"].to_numpy(np.int64), rep_keys)
+        return d[keep].sort_values("ts", kind="stable").drop_duplicates(["cap"] + KEY, keep="first")
 
     t = t.map_partitions(first_sight, meta=first_sight(t._meta)) if remote else first_sight(t)
     out = []

@@ -83,6 +83,22 @@ def tcp_of(legs: Legs, lconns) -> pd.DataFrame:
     return t.compute().reset_index(drop=True) if is_dask(t) else t     # (a new frame: copy-on-write)
 
 
+def tcp_where(legs: Legs, lconns, column: str, values) -> pd.DataFrame:
+    """The per-packet TCP rows of some logical connections whose `column` holds one of `values` (a pre-filter
+    that keeps a join small: e.g. the packets at given times), as a pandas DataFrame in `Legs.tcp` order."""
+    want = np.unique(np.asarray(list(lconns), dtype=np.int64))
+    vals = np.unique(np.asarray(list(values), dtype=np.int64))
+
+    def pick(t: pd.DataFrame) -> pd.DataFrame:
+        m = np.isin(t[column].to_numpy(), vals) & np.isin(t["lconn"].to_numpy(), want)
+        return t[m]
+
+    tcp = legs.tcp
+    if is_dask(tcp):
+        return tcp.map_partitions(pick, meta=tcp._meta).compute().reset_index(drop=True)
+    return pick(tcp)
+
+
 OWNER_COLUMNS = ["capture", "ip", "n"]
 
 

@@ -54,7 +54,7 @@ import pandas as pd
 from hbonecap import tables
 from hbonecap.analysis.keyless import data_payload, infer_records
 from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
-from hbonecap.analysis.cluster import first_writes, tcp_of
+from hbonecap.analysis.cluster import first_writes, tcp_of, tcp_where
 from hbonecap.analysis.inputs import correlation_address_counts, correlation_datagrams, correlation_legs
 from hbonecap.analysis.legs import Legs, leg_state
 
@@ -390,12 +390,17 @@ class _Correlator:
         if not rows:
             return
         e = pd.DataFrame(rows, columns=["si", "ei", "cap", "lconn", "ts"])
-        tcp = tcp_of(self.L, e["lconn"].unique())
-        tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
         key = ["lconn", "dir", "seq", "ack", "tsval", "fl"]
-        first = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap", "lconn", "ts"], keep="first")
+        lconns = e["lconn"].unique()
+        # only packets that can join: those at the events' times, then those carrying the same segments (the
+        # first sight of each per capture, as over all the connections' packets)
+        at = tcp_where(self.L, lconns, "ts", e["ts"].unique())
+        at = at.assign(fl=packet_class(at["flags"], at["plen"]))
+        first = at.sort_values("ts", kind="stable").drop_duplicates(["cap", "lconn", "ts"], keep="first")
         m = e.merge(first[["cap", "lconn", "ts"] + key[1:]], on=["cap", "lconn", "ts"], how="inner")
-        firstocc = tcp.sort_values("ts", kind="stable").drop_duplicates(["cap"] + key, keep="first")
+        same = tcp_where(self.L, lconns, "seq", m["seq"].unique())
+        same = same.assign(fl=packet_class(same["flags"], same["plen"]))
+        firstocc = same.sort_values("ts", kind="stable").drop_duplicates(["cap"] + key, keep="first")
         m2 = m.drop(columns=["cap", "ts"]).merge(firstocc[["cap", "ts"] + key], on=key, how="inner")
         for r in m.drop_duplicates(["si", "ei"]).itertuples(index=False):
             s = evs[r.si]

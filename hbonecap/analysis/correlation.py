@@ -454,16 +454,38 @@ class _Correlator:
         if not hasattr(self, "_plain_req"):
             self._plain_req = {}
             lc = self.L.lconns
-            key = {(c, s): int(l) for l, c, s in zip(lc["lconn"], lc["client"], lc["server"])}
+            # several logical connections may share endpoints (a reused source port): the one whose leg in the
+            # request's capture spans the request's time
+            key: dict[tuple, list[int]] = defaultdict(list)
+            for l, c, s in zip(lc["lconn"], lc["client"], lc["server"]):
+                key[(c, s)].append(int(l))
             conns = self.a.connections.set_index("conn_id")[["client", "server"]] if len(self.a.connections) else None
             for r in req.itertuples(index=False):
                 if pd.notna(r.tunnel_id) or pd.isna(r.conn_id) or conns is None or int(r.conn_id) not in conns.index:
                     continue
                 c, s = conns.loc[int(r.conn_id)]
-                l = key.get((c, s), key.get((s, c)))
+                ls = key.get((c, s)) or key.get((s, c)) or []
+                l = ls[0] if len(ls) == 1 else self._lconn_at(ls, r.capture, r.request_ts)
                 if l is not None and l not in self._plain_req:
                     self._plain_req[l] = ((r.method, r.path), r.host)
         return self._plain_req.get(lconn, (None, None))
+
+    def _lconn_at(self, lconns: list[int], capture, ts) -> int | None:
+        """Of logical connections with the same endpoints, the one whose leg at `capture` spans `ts` (else the
+        one whose leg there starts last before it, else the first)."""
+        if not lconns:
+            return None
+        t = int(pd.Timestamp(ts).value) if ts is not None and pd.notna(ts) else None
+        best, best_start = None, None
+        for l in lconns:
+            for r in self.leg_recs.get(l, []):
+                if r["capture"] != capture or t is None:
+                    continue
+                if r["first_ts"] <= t <= r["last_ts"]:
+                    return l
+                if r["first_ts"] <= t and (best_start is None or r["first_ts"] > best_start):
+                    best, best_start = l, r["first_ts"]
+        return best if best is not None else lconns[0]
 
     # --- matching ----------------------------------------------------------------------------------------------
     def _match(self) -> list[_Flow]:

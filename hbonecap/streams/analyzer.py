@@ -81,6 +81,15 @@ class TimedBytes:
     def add(self, piece: Timed, cap: int) -> None:
         room = cap - len(self.data)
         n = len(piece.data)
+        marks = piece.marks
+        if len(marks) == 1 and room >= n:      # the common case: one capture time, room for all of it
+            if n:
+                ts = marks[0][1]
+                if not self.marks or self.marks[-1][1] != ts:
+                    self.marks.append((len(self.data), ts))
+                self.data += piece.data
+            self.total += n
+            return
         if room > 0:
             base = len(self.data)
             take = min(room, n)

@@ -170,7 +170,19 @@ class TimedBuffer:
         return data, ts_first, ts_last
 
     def skip(self, n: int) -> None:
-        self.take_bytes(n)
+        """Consume `n` bytes from the front without copying them."""
+        buf = self.buf
+        n = min(n, len(buf))
+        end = self.start + n
+        m = self.marks
+        if n == len(buf):
+            buf.clear()
+            m.clear()
+        else:
+            del buf[:n]
+            while len(m) > 1 and m[1][0] <= end:
+                m.popleft()
+        self.start = end
 
     def clear(self) -> None:
         """Drop everything buffered (the stream offset still advances past it)."""

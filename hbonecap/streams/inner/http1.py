@@ -125,8 +125,21 @@ class Http1Connection:
         dd = self.dirs[d]
         if dd.state == "switched":
             return []
+        if not len(dd.buf) and dd.state in ("body", "chunk_data", "until_close"):
+            # body bytes are only counted: skip them without buffering, buffer what follows the body
+            n = len(piece.data) if dd.state == "until_close" else min(dd.remaining, len(piece.data))
+            if dd.state != "until_close":
+                dd.remaining -= n
+                if not dd.remaining:
+                    dd.state = "head" if dd.state == "body" else "chunk_crlf"
+            dd.buf.start += n
+            if n == len(piece.data):
+                return self._after(d, [])
+            piece = piece.slice(n, len(piece.data))
         dd.buf.append_timed(piece)
-        out = self._run(d)
+        return self._after(d, self._run(d))
+
+    def _after(self, d: int, out: list) -> list:
         if d == 1 and self.dirs[0].state == "head" and len(self.dirs[0].buf):
             out += self._run(0)
         return out

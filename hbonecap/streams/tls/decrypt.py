@@ -95,7 +95,7 @@ class RecordKeys:
     """One direction's record protection: AEAD + IV + next sequence number."""
 
     __slots__ = ("version", "suite", "kind", "aead", "iv", "seq", "secret", "hash_name", "key_len", "generation",
-                 "label")
+                 "label", "_iv_int")
 
     def __init__(self, version: int, suite: int, key: bytes, iv: bytes, secret: bytes | None = None,
                  label: str = "") -> None:
@@ -104,6 +104,7 @@ class RecordKeys:
         self.version, self.suite = version, suite
         self.aead = _aead(self.kind, key)
         self.iv = iv
+        self._iv_int = int.from_bytes(iv, "big")
         self.seq = 0
         self.secret = secret
         self.generation = 0
@@ -125,7 +126,7 @@ class RecordKeys:
         return nxt
 
     def _nonce13(self, seq: int) -> bytes:
-        return (int.from_bytes(self.iv, "big") ^ seq).to_bytes(12, "big")
+        return (self._iv_int ^ seq).to_bytes(12, "big")
 
     def decrypt(self, ctype: int, version: int, header: bytes, fragment: bytes, seq: int | None = None):
         """Decrypt one record at `seq` (default: the next one). Returns (content type, plaintext) or None when the

@@ -20,6 +20,7 @@ Limits
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,33 +97,60 @@ class RecordReader:
 
     def feed(self, piece: Timed) -> list:
         if self.state == "records":
-            have = len(self.buf.buf)
-            if not have and len(piece.marks) == 1:
-                return self._direct(piece)
-            if have + len(piece.data) < self.need:
-                self.buf.append_timed(piece)  # the record under way is still incomplete
+            buf = self.buf
+            have = len(buf.buf)
+            if not have:
+                return self._direct(piece, 0)
+            n = len(piece.data)
+            if have + n < self.need:
+                buf.append_timed(piece)  # the record under way is still incomplete
                 return []
+            if self.need > have:
+                # complete the record under way from the head of the piece, then take the rest directly
+                k = self.need - have
+                buf.append_timed(piece.slice(0, k) if k < n else piece)
+                out = self._run()
+                if k < n:
+                    if not len(buf.buf) and self.state == "records":
+                        out += self._direct(piece, k)
+                    else:
+                        buf.append_timed(piece.slice(k, n))
+                        out += self._run()
+                return out
         self.buf.append_timed(piece)
         return self._run()
 
-    def _direct(self, piece: Timed) -> list:
-        """Fast path: whole records straight out of a piece captured at one time, no buffer copies."""
-        data, ts = piece.data, piece.marks[0][1]
+    def _direct(self, piece: Timed, start: int) -> list:
+        """Fast path: whole records straight out of `piece.data[start:]` (the buffer empty, at a record boundary),
+        no buffer copies; the times of a record's first and last byte come from the piece's marks. What is left
+        (an incomplete record) is buffered."""
+        data, marks = piece.data, piece.marks
         out: list = []
-        pos, n = 0, len(data)
-        base = self.buf.start
+        pos, n = start, len(data)
+        base = self.buf.start - start          # stream offset of data[0]
         unpack = RECORD_HEADER.unpack_from
+        single = len(marks) == 1
+        ts = marks[0][1] if marks else -1
+        offs = None if single else [m[0] for m in marks]
         while n - pos >= 5:
             ctype, version, length = unpack(data, pos)
-            if ctype not in CONTENT_TYPES or version >> 8 != 3 or length > MAX_RECORD or n - pos < 5 + length:
+            end = pos + 5 + length
+            if ctype not in CONTENT_TYPES or version >> 8 != 3 or length > MAX_RECORD or end > n:
                 break
+            if single:
+                t0 = t1 = ts
+            else:
+                t0 = marks[bisect_right(offs, pos) - 1][1]
+                t1 = marks[bisect_right(offs, end - 1) - 1][1]
             self.records += 1
-            out.append(Record(ctype, version, data[pos:pos + 5], data[pos + 5:pos + 5 + length], ts, ts,
-                              base + pos))
-            pos += 5 + length
+            out.append(Record(ctype, version, data[pos:pos + 5], data[pos + 5:end], t0, t1, base + pos))
+            pos = end
         self.buf.start = base + pos
         if pos < n:
-            self.buf.append(data[pos:] if pos else data, ts)
+            if single:
+                self.buf.append(data[pos:] if pos else data, ts)
+            else:
+                self.buf.append_timed(piece.slice(pos, n))
             out += self._run()
         return out
 

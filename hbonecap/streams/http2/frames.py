@@ -234,10 +234,61 @@ class FrameReader:
         self.data_frame = (0, 0, 0)
 
     def feed(self, piece: Timed) -> list:
-        self.buf.append_timed(piece)
-        if self.state == "frames" and len(self.buf.buf) < self.need:
+        buf = self.buf
+        if len(piece.marks) == 1 and self.state in ("frames", "data"):
+            # fast paths for pieces captured at one time (decrypted TLS records): no buffer round trip
+            have = len(buf.buf)
+            n = len(piece.data)
+            if not have:
+                return self._direct(piece, 0)
+            if self.state == "frames" and have < self.need <= have + n:
+                # complete the frame under way from the head of the piece, then take the rest directly
+                k = self.need - have
+                buf.append_timed(piece.slice(0, k) if k < n else piece)
+                out = self._run()
+                if k < n:
+                    if not len(buf.buf) and self.state in ("frames", "data"):
+                        out += self._direct(piece, k)
+                    else:
+                        buf.append_timed(piece.slice(k, n))
+                        out += self._run()
+                return out
+        buf.append_timed(piece)
+        if self.state == "frames" and len(buf.buf) < self.need:
             return []  # the frame under way is still incomplete
         return self._run()
+
+    def _direct(self, piece: Timed, start: int) -> list:
+        """Whole frames straight out of `piece.data[start:]` (one capture time, nothing buffered, at a frame
+        boundary or inside a streamed DATA payload); what is left is buffered and parsed as usual."""
+        data, ts = piece.data, piece.marks[0][1]
+        pos, n = start, len(data)
+        base = self.buf.start - start          # stream offset of data[0]
+        out: list = []
+        if self.state == "data":
+            k = min(n - pos, self.data_left)
+            self.data_left -= k
+            flags, sid, offset = self.data_frame
+            final = not self.data_left
+            out.append(DataChunk(sid, flags if final else flags & ~FLAG_END_STREAM,
+                                 Timed(data[pos:pos + k] if (pos or k < n) else data, ((0, ts),)), final, offset))
+            pos += k
+            if final:
+                self.state = "frames"
+        if self.state == "frames":
+            while n - pos >= 9:
+                length, ftype, flags, sid = parse_header(data, pos)
+                end = pos + 9 + length
+                if length > self.max_frame or end > n:
+                    break
+                self.frames += 1
+                out.append(Frame(ftype, flags, sid, length, Timed(data[pos + 9:end], ((0, ts),)), ts, base + pos))
+                pos = end
+        self.buf.start = base + pos
+        if pos < n:
+            self.buf.append(data[pos:] if pos else data, ts)
+            out += self._run()
+        return out
 
     def gap(self, length: int) -> list:
         """Bytes were lost: whatever is buffered cannot be trusted to line up any more."""

@@ -50,19 +50,24 @@ from hbonecap.streams.analyzer import StreamAnalyzer
 from hbonecap.streams.tls.keylog import load
 d = sys.argv[1]
 kl = load(d + "/keylog.txt")
-spent = 0.0
-decrypted = 0
-for name in ("node-a-eth0.pcap", "node-b-eth0.pcap"):
-    batches = list(iter_decoded(d + "/" + name))          # decoding is not part of the unwrap figure
-    t = time.process_time()
-    a = StreamAnalyzer(kl)
-    for reader, batch, ctx in batches:
-        for item in tcp_runs_of_batch(name, batch, ctx, reader.index_offset):
-            a.feed_any(item)
-    r = a.close()
-    spent += time.process_time() - t
-    decrypted += sum(bool(t["decrypted"]) for t in r.tunnels)
-print(spent, decrypted)
+batches = {name: list(iter_decoded(d + "/" + name))          # decoding is not part of the unwrap figure
+           for name in ("node-a-eth0.pcap", "node-b-eth0.pcap")}
+best = {}
+for rep in range(3):                                         # best of 3 (the machine is shared)
+    for keep in (False, True):
+        spent = 0.0
+        decrypted = 0
+        for name, bs in batches.items():
+            t = time.process_time()
+            a = StreamAnalyzer(kl, tunnel_bytes=keep)
+            for reader, batch, ctx in bs:
+                for item in tcp_runs_of_batch(name, batch, ctx, reader.index_offset):
+                    a.feed_any(item)
+            r = a.close()
+            spent += time.process_time() - t
+            decrypted += sum(bool(t["decrypted"]) for t in r.tunnels)
+        best[keep] = min(best.get(keep, spent), spent)
+print(best[False], best[True], decrypted)
 """
 
 
@@ -150,7 +155,7 @@ def main() -> None:
     flows, exact = map(int, res.split())
     rows.append(("hbonecap analyze + correlate (API, 1 process)", wall, rss, 1))
     _, rss_u, res = run([sys.executable, "-c", UNWRAP_RUN, str(d)])
-    unwrap_s, decrypted = float(res.split()[0]), int(res.split()[1])
+    unwrap_s, unwrap_kept_s, decrypted = float(res.split()[0]), float(res.split()[1]), int(res.split()[2])
     # TLS bytes on 15008 in the two HBONE captures (what the unwrap decrypts and parses)
     tunnel_mb = 2 * truth["tunnel_payload_bytes"] / 1e6
     if not a.skip_tshark and shutil.which("tshark"):
@@ -179,10 +184,11 @@ def main() -> None:
         xt = f"{pps / tshark:.1f}" if tshark else "n/a"
         lines.append(f"| {name} | {wall:.2f} | {pps:,.0f} | {pps / cores:,.0f} | {size_mb / wall:,.0f} | "
                      f"{rss:,.0f} | {xt} |")
-    lines += ["", f"HBONE unwrap alone (reassembly + TLS 1.3 decryption + HTTP/2 + CONNECT streams, CPU time of one "
-                  f"process, decoding excluded): {unwrap_s:.2f} s for {tunnel_mb:.0f} MB of tunnel payload = "
-                  f"**{tunnel_mb / unwrap_s:,.0f} MB/s per core**; {decrypted} tunnels decrypted; "
-                  f"peak RSS {rss_u:,.0f} MB.",
+    lines += ["", f"HBONE unwrap alone (reassembly + TLS 1.3 decryption + HTTP/2 + CONNECT streams + inner HTTP/1, "
+                  f"CPU time of one process, decoding excluded, best of 3): {unwrap_s:.2f} s for {tunnel_mb:.0f} MB "
+                  f"of tunnel payload = **{tunnel_mb / unwrap_s:,.0f} MB/s per core** as `correlate` runs it; "
+                  f"{unwrap_kept_s:.2f} s = {tunnel_mb / unwrap_kept_s:,.0f} MB/s keeping the tunnelled bytes as "
+                  f"`hbonecap unwrap` does; {decrypted} tunnels decrypted; peak RSS {rss_u:,.0f} MB.",
               "", "Targets (issue 7): >= 1M packets/s per core overall, >= 200 MB/s per core of tunnel payload."]
     if a.memory_set:
         lines += [""] + memory_rows(a, hb)

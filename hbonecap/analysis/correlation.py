@@ -459,11 +459,13 @@ class _Correlator:
             key: dict[tuple, list[int]] = defaultdict(list)
             for l, c, s in zip(lc["lconn"], lc["client"], lc["server"]):
                 key[(c, s)].append(int(l))
-            conns = self.a.connections.set_index("conn_id")[["client", "server"]] if len(self.a.connections) else None
+            cn = self.a.connections
+            ends = {int(i): (c, s) for i, c, s in zip(cn["conn_id"], cn["client"].astype(object),
+                                                      cn["server"].astype(object))} if len(cn) else {}
             for r in req.itertuples(index=False):
-                if pd.notna(r.tunnel_id) or pd.isna(r.conn_id) or conns is None or int(r.conn_id) not in conns.index:
+                if pd.notna(r.tunnel_id) or pd.isna(r.conn_id) or int(r.conn_id) not in ends:
                     continue
-                c, s = conns.loc[int(r.conn_id)]
+                c, s = ends[int(r.conn_id)]
                 ls = key.get((c, s)) or key.get((s, c)) or []
                 l = ls[0] if len(ls) == 1 else self._lconn_at(ls, r.capture, r.request_ts)
                 if l is not None and l not in self._plain_req:
@@ -513,12 +515,15 @@ class _Correlator:
         next_stream: dict[tuple, _Stream] = {}
         prev_stream: dict[tuple, _Stream] = {}
         pairs = []
+        by_client_ip: dict[str, list[_Stream]] = defaultdict(list)    # (streams order kept within each list)
+        for s2 in streams:
+            by_client_ip[s2.client.rsplit(":", 1)[0]].append(s2)
         for s1 in streams:
             sip = s1.server.rsplit(":", 1)[0]
             t1 = self.stream_time(s1, "connect")
             r1 = self.stream_time(s1, "connect_response")
-            for s2 in streams:
-                if s2 is s1 or s2.client.rsplit(":", 1)[0] != sip or s2.lconn == s1.lconn:
+            for s2 in by_client_ip.get(sip, ()):
+                if s2 is s1 or s2.lconn == s1.lconn:
                     continue
                 t2 = self.stream_time(s2, "connect")
                 if t1 is None or t2 is None or t2 < t1 - TOL or t2 > t1 + WINDOW:
@@ -541,6 +546,12 @@ class _Correlator:
         for l in plain:
             if l not in used_plain:
                 by_server[self.lcd[l]["server"]].append(l)
+        # per server: its connections with a first c2s time, sorted by it (position in by_server kept to visit
+        # the window's candidates in the same order as a full scan would)
+        timed: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        for d, ls in by_server.items():
+            rows = sorted((syn, i, l) for i, l in enumerate(ls) if (syn := self.leg_time(l, "first_c2s")) is not None)
+            timed[d] = ([r[0] for r in rows], [(r[1], r[2]) for r in rows])
         for s in streams:
             if s.key in next_stream:
                 continue
@@ -549,13 +560,12 @@ class _Correlator:
             if t is None:
                 continue
             resp = self.stream_time(s, "connect_response")
+            hi_t = t + WINDOW if resp is None else min(t + WINDOW, resp + TOL)
             for d in dsts:
-                for l in by_server.get(d, []):
+                syns, ids = timed.get(d, ([], []))
+                window = sorted(ids[bisect.bisect_left(syns, t - TOL):bisect.bisect_right(syns, hi_t)])
+                for _, l in window:
                     syn = self.leg_time(l, "first_c2s")
-                    if syn is None or syn < t - TOL or syn > t + WINDOW:
-                        continue
-                    if resp is not None and syn > resp + TOL:
-                        continue
                     req, host = self.leg_request(l)
                     score = self._content_score(s.request, s.host, self._sbytes(s), req, host, self.leg_bytes(l))
                     cand.append((score, syn - t, s.key, l))

@@ -104,7 +104,8 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     rep_keys = np.unique(rep["lconn"].to_numpy(np.int64) * 65536 + rep["cap"].to_numpy(np.int64))
 
     def first_sight(d: pd.DataFrame) -> pd.DataFrame:   # exact per partition: a capture is in one partition
-        keep = np.isin(d["lconn"].to_numpy(np.int64) * 65536 + d["cap"].to_numpy(np.int64), rep_keys)
+        keep = pd.Series(d["lconn"].to_numpy(np.int64) * 65536 + d["cap"].to_numpy(np.int64)).isin(rep_keys) \
+            .to_numpy(bool)
         return d[keep].sort_values("ts", kind="stable").drop_duplicates(["cap"] + KEY, keep="first")
 
     t = t.map_partitions(first_sight, meta=first_sight(t._meta)) if remote else first_sight(t)

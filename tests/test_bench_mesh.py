@@ -115,3 +115,23 @@ def test_reused_upstream_port_ties_each_connection_to_its_own_stream(tmp_path):
         assert f["match"] == "exact" and f["confidence"] == 1.0, c
         assert f["flow_id"] in upstream_seen, c
         assert (f["bytes_c2s"], f["bytes_s2c"]) == (c["bytes_client_to_server"], c["bytes_server_to_client"])
+
+
+def test_keyless_ties_every_connection_without_a_ztunnel_capture(mesh_set):
+    """No key log, and no capture of either ztunnel (only the node NICs saw HBONE): each client connection is tied
+    through the right pooled HBONE connection to its server connection, the client's ztunnel placed on the client's
+    node by the pod subnet."""
+    d = mesh_set.directory
+    points = parse_manifest((d / "points.toml").read_text())
+    a = hbonecap.analyze(str(d), points={k: f"{p.role}@{p.node}" for k, p in points.items()}, packets=False)
+    flows = a.flows
+    truth = mesh_set.truth
+    assert not a.tunnels["decrypted"].any()
+    assert len(flows) == len(truth["connections"])
+    for c in truth["connections"]:
+        f = flows[flows["client"] == c["client"]]
+        assert len(f) == 1, c["client"]
+        f = f.iloc[0]
+        assert (f["dst_pod"], f["hbone_client"], f["hbone_server"], f["match"]) == \
+            (c["backend"], c["hbone_client"], c["hbone_server"], "inferred"), c["client"]
+        assert f["confidence"] >= 0.9, (c["client"], f["match_reason"])

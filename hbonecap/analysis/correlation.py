@@ -716,6 +716,7 @@ class _Correlator:
                 by_server_ip[self.lcd[d]["server_ip"]].append((td, d))
         for v in by_server_ip.values():
             v.sort()
+        server_keys = {ip: [x[0] for x in v] for ip, v in by_server_ip.items()}
         cand: list[_KeylessCandidate] = []
         for a_l in plain:
             ta = self.leg_time(a_l, "first_c2s")
@@ -724,6 +725,10 @@ class _Correlator:
             a_end = self._lt_last.get(a_l)
             src_ips = {self.lcd[a_l]["client_ip"]} | {self.owner[c] for c in self._caps_of(a_l)
                                                           if self.role.get(c) == "ztunnel" and c in self.owner}
+            if len(src_ips) == 1:
+                # no capture of the client's ztunnel: the HBONE clients placed on the client connection's node
+                # (no capture owns them; placed by the pod subnet they share with the node's captured pods)
+                src_ips |= self._node_hbone_clients(a_l, by_client_ip)
             for ip in sorted(src_ips):
                 for t in by_client_ip.get(ip, []):
                     # direct, or through a waypoint: T's server re-originates HBONE (T2) to the destination
@@ -733,15 +738,21 @@ class _Correlator:
                         last_t = t2 if t2 is not None else t1
                         spans = [(self.leg_time(x, "first_ts"), self._lt_last.get(x)) for x in (t1, t2) if x is not None]
                         lst = by_server_ip.get(self.lcd[last_t]["server_ip"], [])
-                        keys = [x[0] for x in lst]
+                        keys = server_keys.get(self.lcd[last_t]["server_ip"], [])
                         lo = bisect.bisect_left(keys, ta - TOL)
                         hi = min(bisect.bisect_right(keys, ta + WINDOW), lo + MAX_CANDIDATES)
+                        if any(f0 is None for f0, _ in spans):
+                            continue
+                        # within that window, only server connections that open while every HBONE connection of
+                        # the route is open and the client is connected (bisected, not scanned)
+                        lo = max(lo, bisect.bisect_left(keys, max(f0 for f0, _ in spans) - TOL))
+                        ends = [l0 + TOL for _, l0 in spans if l0 is not None] + \
+                            ([a_end + TOL] if a_end is not None else [])
+                        if ends:
+                            hi = min(hi, bisect.bisect_right(keys, min(ends)))
                         for td, d in lst[lo:hi]:
-                            if d == a_l or any(f0 is None or f0 > td + TOL or (l0 is not None and l0 < td - TOL)
-                                               for f0, l0 in spans):
+                            if d == a_l:
                                 continue
-                            if a_end is not None and td > a_end + TOL:
-                                continue      # the server connection opens while the client is connected
                             score, why = self._keyless_evidence(a_l, t1, t2, d)
                             cand.append(_KeylessCandidate(a_l, t1, t2, d, score, td - ta, why))
         cand.sort(key=lambda c: (-c.score, c.dt, c.a, c.d))
@@ -796,6 +807,49 @@ class _Correlator:
                 reasons.append(f"margin {margin:g} over the next candidate")
             out.append((c.a, c.t, c.t2, c.d, round(conf, 3), reasons, ambiguity))
         return out
+
+    def _node_hbone_clients(self, a_l: int, by_client_ip: dict) -> set[str]:
+        """HBONE client addresses that no capture owns, placed on the node of a local capture of connection a_l
+        (pod, loopback or Geneve device) by the longest address prefix shared with the owners of captures on a
+        known node (at least /16 and better than any other node's): the client's ztunnel in eras A/B when only
+        the node's NIC saw the HBONE connection."""
+        nodes = {self.node.get(c) for c in self._caps_of(a_l)
+                 if self.role.get(c) in LOCAL_ROLES | {"pod"} and self.node.get(c)}
+        if len(nodes) != 1:
+            return set()
+        node = next(iter(nodes))
+        cache = self.__dict__.setdefault("_ip_node_cache", {})
+        owned = set(self.owner.values())
+        out = set()
+        for ip in by_client_ip:
+            if ip in owned:
+                continue
+            if ip not in cache:
+                cache[ip] = self._node_of_address(ip)
+            if cache[ip] == node:
+                out.add(ip)
+        return out
+
+    def _node_of_address(self, ip: str) -> str | None:
+        try:
+            x = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        best: dict[str, int] = {}
+        for c, o in self.owner.items():
+            n = self.node.get(c)
+            try:
+                y = ipaddress.ip_address(o)
+            except ValueError:
+                continue
+            if not n or y.version != x.version:
+                continue
+            bits = x.max_prefixlen - (int(x) ^ int(y)).bit_length()
+            best[n] = max(best.get(n, -1), bits)
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        if ranked and ranked[0][1] >= 16 and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
+            return ranked[0][0]
+        return None
 
     def _keyless_evidence(self, a: int, t1: int, t2: int | None, d: int) -> tuple[float, list[str]]:
         """Score of the candidate client A -> HBONE T1 (-> T2) -> server D, and what it rests on: the plaintext

@@ -106,6 +106,57 @@ class TimedBuffer:
                 self.marks.append((base + off, ts))
         self.buf += piece.data
 
+    def append_from(self, piece: Timed, start: int) -> None:
+        """`append_timed(piece.slice(start, len(piece.data)))` without the intermediate slice: one copy."""
+        data = piece.data
+        if start >= len(data):
+            return
+        pm = piece.marks
+        marks = self.marks
+        base = self.start + len(self.buf) - start      # stream offset of data[0]
+        k, last = 0, len(pm) - 1
+        while k < last and pm[k + 1][0] <= start:
+            k += 1
+        ts = pm[k][1]
+        if not marks or marks[-1][1] != ts:
+            marks.append((base + start, ts))
+        n = len(data)
+        for off, t in pm[k + 1:]:
+            if off >= n:
+                break
+            if t != ts:
+                marks.append((base + off, t))
+                ts = t
+        if start:
+            with memoryview(data) as view:
+                self.buf += view[start:]
+        else:
+            self.buf += data
+
+    def take_through(self, skip: int, piece: Timed, k: int) -> Timed:
+        """Consume the whole buffer and the head ``piece.data[:k]`` (0 < k <= len) at once and return the bytes
+        after the first `skip` buffered ones: what ``append_timed(piece.slice(0, k)); take(skip); take(rest)``
+        gives (same bytes, same marks), with one copy and no buffer round trip. `skip` <= len(self)."""
+        m = list(self.marks)
+        base = self.start + len(self.buf)                # stream offset of piece.data[0]
+        for off, t in piece.marks:
+            if off >= k:
+                break
+            if not m or m[-1][1] != t:
+                m.append((base + off, t))
+        start = self.start + skip
+        i, last = 0, len(m) - 1
+        while i < last and m[i + 1][0] <= start:
+            i += 1
+        marks = tuple((off - start if off > start else 0, t) for off, t in m[i:])
+        data = piece.data
+        with memoryview(self.buf) as view, memoryview(data) as pv:
+            out = b"".join((view[skip:], pv[:k] if k < len(data) else pv))
+        self.buf.clear()
+        self.marks.clear()
+        self.start = base + k
+        return Timed(out, marks)
+
     def ts_at(self, rel: int) -> int:
         """Capture time of the byte `rel` bytes after the read position (-1 when nothing buffered)."""
         want = self.start + rel

@@ -7,7 +7,8 @@ CONTINUATION). Unknown frame types are passed through (section 4.1: they must be
 Strategy
   * `FrameReader` is sans-I/O: ``feed(Timed) -> events`` and ``gap(n) -> events``; it buffers at most one frame
     plus a header. A complete frame becomes a `Frame` (payload without padding/priority fields, with capture
-    times of its bytes), at the time of its last byte.
+    times of its bytes), at the time of its last byte. Frames inside one piece are taken straight out of it; a
+    frame completed by the head of the next piece is joined from the buffer and that head in one copy.
   * Nothing an endpoint would reject stops the reader: frames above SETTINGS_MAX_FRAME_SIZE, bad stream ids,
     bad padding are passed on and reported (`http2_bad_padding`, `http2_frame_size`...).
   * DATA frames longer than `STREAM_DATA_OVER` are passed on in chunks (`DataChunk`) as their bytes arrive, so a
@@ -244,6 +245,18 @@ class FrameReader:
             if self.state == "frames" and have < self.need <= have + n:
                 # complete the frame under way from the head of the piece, then take the rest directly
                 k = self.need - have
+                if have >= 9:
+                    # the header is buffered (checked when `need` was set): the payload is the buffered bytes and
+                    # the head of the piece, joined once
+                    length, ftype, flags, sid = parse_header(buf.buf, 0)
+                    offset = buf.start
+                    payload = buf.take_through(9, piece, k)
+                    self.need = 0
+                    self.frames += 1
+                    out = [Frame(ftype, flags, sid, length, payload, payload.marks[-1][1], offset)]
+                    if k < n:
+                        out += self._direct(piece, k)
+                    return out
                 buf.append_timed(piece.slice(0, k) if k < n else piece)
                 out = self._run()
                 if k < n:
@@ -286,7 +299,11 @@ class FrameReader:
                 pos = end
         self.buf.start = base + pos
         if pos < n:
-            self.buf.append(data[pos:] if pos else data, ts)
+            if pos:
+                with memoryview(data) as view:
+                    self.buf.append(view[pos:], ts)
+            else:
+                self.buf.append(data, ts)
             out += self._run()
         return out
 

@@ -6,7 +6,9 @@ recognised.
 
 Strategy
   * `RecordReader.feed(Timed) -> events` buffers at most one record and yields `Record` objects carrying the
-    fragment and the capture times of its first and last byte (`ts_first`, `ts_last`).
+    fragment and the capture times of its first and last byte (`ts_first`, `ts_last`). Whole records are taken
+    straight out of a piece (times from its marks); only an incomplete tail is buffered, and a record completed
+    by the head of the next piece is joined from the buffer and that head in one copy (`TimedBuffer.take_through`).
   * Oversized records and unknown content types are reported (`tls_record_too_large`, `tls_bad_record`) and
     treated as lost sync: the reader then scans for a position where two consecutive plausible record headers
     start (or one record ends exactly where the data ends) and reports how much it skipped (`tls_resync`).
@@ -108,6 +110,21 @@ class RecordReader:
             if self.need > have:
                 # complete the record under way from the head of the piece, then take the rest directly
                 k = self.need - have
+                if have >= 5:
+                    # the header is buffered (checked when `need` was set): the record is the buffered bytes and
+                    # the head of the piece, joined once
+                    bb = buf.buf
+                    ctype, version, _ = RECORD_HEADER.unpack_from(bb, 0)
+                    offset = buf.start
+                    ts_first = buf.ts_at(0)
+                    header = bytes(bb[:5])
+                    fragment = buf.take_through(5, piece, k)
+                    self.need = 0
+                    self.records += 1
+                    out = [Record(ctype, version, header, fragment.data, ts_first, fragment.marks[-1][1], offset)]
+                    if k < n:
+                        out += self._direct(piece, k)
+                    return out
                 buf.append_timed(piece.slice(0, k) if k < n else piece)
                 out = self._run()
                 if k < n:
@@ -148,9 +165,13 @@ class RecordReader:
         self.buf.start = base + pos
         if pos < n:
             if single:
-                self.buf.append(data[pos:] if pos else data, ts)
+                if pos:
+                    with memoryview(data) as view:
+                        self.buf.append(view[pos:], ts)
+                else:
+                    self.buf.append(data, ts)
             else:
-                self.buf.append_timed(piece.slice(pos, n))
+                self.buf.append_from(piece, pos)
             out += self._run()
         return out
 

@@ -7,6 +7,7 @@ bridges the two without holding the capture in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +104,23 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
     seq = ctx.seq[idx].astype(np.int64)
     plain = (plen > 0) & ((flags & 0x07) == 0) & whole
     cont = np.zeros(len(idx), dtype=bool)
+    src, dst = ctx.src[idx], ctx.dst[idx]
+    ipver = ctx.ipver[idx]
+    sport, dport = ctx.sport[idx], ctx.dport[idx]
     if len(idx) > 1:
-        same = (ctx.src[idx[1:]] == ctx.src[idx[:-1]]).all(axis=1) & (ctx.dst[idx[1:]] == ctx.dst[idx[:-1]]).all(axis=1)
-        same &= (ctx.sport[idx[1:]] == ctx.sport[idx[:-1]]) & (ctx.dport[idx[1:]] == ctx.dport[idx[:-1]])
-        same &= (ctx.ipver[idx[1:]] == ctx.ipver[idx[:-1]]) & (ek[1:] == ek[:-1]).all(axis=1)
+        same = (src[1:] == src[:-1]).all(axis=1) & (dst[1:] == dst[:-1]).all(axis=1)
+        same &= (sport[1:] == sport[:-1]) & (dport[1:] == dport[:-1])
+        same &= (ipver[1:] == ipver[:-1]) & (ek[1:] == ek[:-1]).all(axis=1)
         same &= plain[1:] & plain[:-1] & (((seq[:-1] + plen[:-1]) & 0xFFFFFFFF) == seq[1:])
         cont[1:] = same
     run_start = np.flatnonzero(~cont)
     run_end = np.r_[run_start[1:], len(idx)]
-    buf = batch.buf
+    # the text of a run's encapsulation and addresses, made once per distinct (ip version, src, dst, encapsulation)
+    key = np.concatenate([ipver[run_start, None].view(np.uint8), src[run_start], dst[run_start],
+                          np.ascontiguousarray(ek[run_start]).view(np.uint8)], axis=1)
+    keys = np.ascontiguousarray(key).view(f"V{key.shape[1]}").ravel().tolist()
+    texts: dict = {}
+    buf = memoryview(batch.buf)                 # slicing a memoryview is cheaper than slicing the array
     numbers = (batch.frame_numbers()[idx] + index_offset).tolist()
     ts_l = batch.ts_ns[idx].tolist()
     ack_l = ctx.ack[idx].tolist()
@@ -120,11 +129,13 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
     plen_l = plen.tolist()
     start_l = start.tolist()
     avail_l = avail.tolist()
-    sport_l = ctx.sport[idx].tolist()
-    dport_l = ctx.dport[idx].tolist()
-    for a, b in zip(run_start.tolist(), run_end.tolist()):
-        enc = text.encap(a)
-        s, dd = text.endpoints(int(idx[a]))
+    sport_l = sport.tolist()
+    dport_l = dport.tolist()
+    for k, (a, b) in enumerate(zip(run_start.tolist(), run_end.tolist())):
+        t = texts.get(keys[k])
+        if t is None:
+            t = texts[keys[k]] = (text.encap(a),) + tuple(text.endpoints(int(idx[a])))
+        enc, s, dd = t
         if b - a == 1:
             st, n = start_l[a], plen_l[a]
             end = min(st + n, avail_l[a])
@@ -132,6 +143,5 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
                              ack_l[a], buf[st:max(st, end)].tobytes(), n)
             continue
         payload = b"".join([buf[st:st + n] for st, n in zip(start_l[a:b], plen_l[a:b])])
-        ends = np.cumsum(plen[a:b]).tolist()
-        yield TcpRun(capture, enc, s, sport_l[a], dd, dport_l[a], seq_l[a], payload, ends, ts_l[a:b],
-                     numbers[a:b], ack_l[a:b], flags_l[a:b])
+        yield TcpRun(capture, enc, s, sport_l[a], dd, dport_l[a], seq_l[a], payload, list(accumulate(plen_l[a:b])),
+                     ts_l[a:b], numbers[a:b], ack_l[a:b], flags_l[a:b])

@@ -94,54 +94,67 @@ def tcp_runs_of_batch(capture: str, batch, ctx, index_offset: int = 0):
     idx = tcp_segment_rows(ctx)
     if not len(idx):
         return
-    text = SegmentText(ctx, idx)
-    ek = text.keys
     plen = ctx.payload_len[idx].astype(np.int64)
-    start = (batch.data_off[idx] + ctx.payload_off[idx]).astype(np.int64)
-    avail = (batch.data_off[idx] + batch.caplen[idx]).astype(np.int64)
+    data_off = batch.data_off[idx]
+    start = (data_off + ctx.payload_off[idx]).astype(np.int64)
+    avail = (data_off + batch.caplen[idx]).astype(np.int64)
     whole = start + plen <= avail
     flags = ctx.tcp_flags[idx].astype(np.int64)
     seq = ctx.seq[idx].astype(np.int64)
     plain = (plen > 0) & ((flags & 0x07) == 0) & whole
+    # addresses compared as two 64-bit words each
+    src, dst = _words(ctx.src)[idx], _words(ctx.dst)[idx]
+    ipver, sport, dport = ctx.ipver[idx], ctx.sport[idx], ctx.dport[idx]
     cont = np.zeros(len(idx), dtype=bool)
-    src, dst = ctx.src[idx], ctx.dst[idx]
-    ipver = ctx.ipver[idx]
-    sport, dport = ctx.sport[idx], ctx.dport[idx]
     if len(idx) > 1:
         same = (src[1:] == src[:-1]).all(axis=1) & (dst[1:] == dst[:-1]).all(axis=1)
-        same &= (sport[1:] == sport[:-1]) & (dport[1:] == dport[:-1])
-        same &= (ipver[1:] == ipver[:-1]) & (ek[1:] == ek[:-1]).all(axis=1)
+        same &= (sport[1:] == sport[:-1]) & (dport[1:] == dport[:-1]) & (ipver[1:] == ipver[:-1])
+        depth, tun_type, tun_vni = ctx.depth[idx], ctx.tun_type[idx], ctx.tun_vni[idx]
+        same &= (depth[1:] == depth[:-1]) & (tun_type[1:] == tun_type[:-1]).all(axis=1) & \
+            (tun_vni[1:] == tun_vni[:-1]).all(axis=1)
         same &= plain[1:] & plain[:-1] & (((seq[:-1] + plen[:-1]) & 0xFFFFFFFF) == seq[1:])
         cont[1:] = same
     run_start = np.flatnonzero(~cont)
     run_end = np.r_[run_start[1:], len(idx)]
     # the text of a run's encapsulation and addresses, made once per distinct (ip version, src, dst, encapsulation)
-    key = np.concatenate([ipver[run_start, None].view(np.uint8), src[run_start], dst[run_start],
-                          np.ascontiguousarray(ek[run_start]).view(np.uint8)], axis=1)
+    text = SegmentText(ctx, idx[run_start])
+    key = np.concatenate([ipver[run_start, None].view(np.uint8), src[run_start].view(np.uint8),
+                          dst[run_start].view(np.uint8), text.keys.view(np.uint8)], axis=1)
     keys = np.ascontiguousarray(key).view(f"V{key.shape[1]}").ravel().tolist()
     texts: dict = {}
     buf = memoryview(batch.buf)                 # slicing a memoryview is cheaper than slicing the array
+    # per segment: what a TcpRun lists; per run: what only its first segment needs
     numbers = (batch.frame_numbers()[idx] + index_offset).tolist()
     ts_l = batch.ts_ns[idx].tolist()
     ack_l = ctx.ack[idx].tolist()
-    seq_l = seq.tolist()
     flags_l = flags.tolist()
     plen_l = plen.tolist()
     start_l = start.tolist()
-    avail_l = avail.tolist()
-    sport_l = sport.tolist()
-    dport_l = dport.tolist()
+    first = idx[run_start]
+    seq_r = seq[run_start].tolist()
+    avail_r = avail[run_start].tolist()
+    sport_r = sport[run_start].tolist()
+    dport_r = dport[run_start].tolist()
+    first_r = first.tolist()
     for k, (a, b) in enumerate(zip(run_start.tolist(), run_end.tolist())):
         t = texts.get(keys[k])
         if t is None:
-            t = texts[keys[k]] = (text.encap(a),) + tuple(text.endpoints(int(idx[a])))
+            t = texts[keys[k]] = (text.encap(k),) + tuple(text.endpoints(first_r[k]))
         enc, s, dd = t
         if b - a == 1:
             st, n = start_l[a], plen_l[a]
-            end = min(st + n, avail_l[a])
-            yield TcpSegment(capture, numbers[a], ts_l[a], enc, s, sport_l[a], dd, dport_l[a], flags_l[a], seq_l[a],
+            end = min(st + n, avail_r[k])
+            yield TcpSegment(capture, numbers[a], ts_l[a], enc, s, sport_r[k], dd, dport_r[k], flags_l[a], seq_r[k],
                              ack_l[a], buf[st:max(st, end)].tobytes(), n)
             continue
         payload = b"".join([buf[st:st + n] for st, n in zip(start_l[a:b], plen_l[a:b])])
-        yield TcpRun(capture, enc, s, sport_l[a], dd, dport_l[a], seq_l[a], payload, list(accumulate(plen_l[a:b])),
+        yield TcpRun(capture, enc, s, sport_r[k], dd, dport_r[k], seq_r[k], payload, list(accumulate(plen_l[a:b])),
                      ts_l[a:b], numbers[a:b], ack_l[a:b], flags_l[a:b])
+
+
+def _words(addr):
+    """Address rows (16 bytes each) as two 64-bit words each."""
+    import numpy as np
+
+    addr = np.ascontiguousarray(addr)
+    return addr.view(np.uint64) if addr.ndim == 2 and addr.shape[1] % 8 == 0 else addr

@@ -420,6 +420,10 @@ class _Stack:
     def _h2_events(self, events: list) -> None:
         ctx = self.ctx
         for e in events:
+            if type(e) is H2Data:                   # the bulk: tunnelled bytes
+                for t in self.hbone.feed(e):
+                    self._tunnel_event(t)
+                continue
             if isinstance(e, Anomaly):
                 ctx.anomaly(e)
                 continue
@@ -816,13 +820,17 @@ class StreamAnalyzer:
                 dd.delivered += len(data)
                 dd._remember(off, data)
                 c.reasm.last_ts, c.reasm.last_index = ts, index
-                marks = []
-                prev = None
-                for k in range(i, j):
-                    t = run.ts[k]
-                    if t != prev:
-                        marks.append((run.ends[k - 1] - lo, t))
-                        prev = t
+                tss = run.ts[i:j]
+                if len(set(tss)) == j - i:          # the usual case: every segment has its own capture time
+                    marks = list(zip([e - lo for e in run.ends[i - 1:j - 1]], tss))
+                else:
+                    marks = []
+                    prev = None
+                    for k in range(i, j):
+                        t = run.ts[k]
+                        if t != prev:
+                            marks.append((run.ends[k - 1] - lo, t))
+                            prev = t
                 if len(marks) == 1:
                     c.stack.data_raw(d, data, ts)
                 else:

@@ -137,18 +137,25 @@ class TimedBuffer:
         """Consume the whole buffer and the head ``piece.data[:k]`` (0 < k <= len) at once and return the bytes
         after the first `skip` buffered ones: what ``append_timed(piece.slice(0, k)); take(skip); take(rest)``
         gives (same bytes, same marks), with one copy and no buffer round trip. `skip` <= len(self)."""
-        m = list(self.marks)
-        base = self.start + len(self.buf)                # stream offset of piece.data[0]
-        for off, t in piece.marks:
-            if off >= k:
-                break
-            if not m or m[-1][1] != t:
-                m.append((base + off, t))
-        start = self.start + skip
-        i, last = 0, len(m) - 1
-        while i < last and m[i + 1][0] <= start:
-            i += 1
-        marks = tuple((off - start if off > start else 0, t) for off, t in m[i:])
+        have = len(self.buf)
+        base = self.start + have                         # stream offset of piece.data[0]
+        pm = piece.marks
+        if len(self.marks) == 1 and len(pm) == 1:
+            # the usual case (a frame split over two decrypted records): one time before, one after
+            t0, t1 = self.marks[0][1], pm[0][1]
+            marks = ((0, t0),) if t0 == t1 else ((0, t1),) if have <= skip else ((0, t0), (have - skip, t1))
+        else:
+            m = list(self.marks)
+            for off, t in pm:
+                if off >= k:
+                    break
+                if not m or m[-1][1] != t:
+                    m.append((base + off, t))
+            start = self.start + skip
+            i, last = 0, len(m) - 1
+            while i < last and m[i + 1][0] <= start:
+                i += 1
+            marks = tuple((off - start if off > start else 0, t) for off, t in m[i:])
         data = piece.data
         with memoryview(self.buf) as view, memoryview(data) as pv:
             out = b"".join((view[skip:], pv[:k] if k < len(data) else pv))

@@ -141,7 +141,7 @@ class TlsSession:
     def feed(self, d: int, piece: Timed) -> list:
         out: list = []
         for ev in self.readers[d].feed(piece):
-            if isinstance(ev, Record):
+            if type(ev) is Record:
                 self._record(d, ev, out)
             elif isinstance(ev, RecordLostSync):
                 self._lost(d, out)
@@ -199,15 +199,20 @@ class TlsSession:
             return "decryption failed (wrong or incomplete secrets)"
         return "no encrypted records"
 
-    def _timeline(self, d: int, rec: Record) -> None:
+    def _record(self, d: int, rec: Record, out: list) -> None:
         if len(self.timeline) < self.max_timeline:
             self.timeline.append((d, rec.ts_first, rec.ts_last, rec.content_type, len(rec.fragment)))
         else:
             self.timeline_dropped += 1
-
-    def _record(self, d: int, rec: Record, out: list) -> None:
-        self._timeline(d, rec)
         ct = rec.content_type
+        if ct == APPLICATION_DATA and self.version == 0x0304:
+            # the bulk of a TLS 1.3 connection: application records with keys in place (what the general path
+            # below does for them, without its checks)
+            keys, kl = self.keys[d], self.keylog
+            if keys is not None and (kl is None or self.keylog_generation == kl.generation):
+                result = keys.decrypt(ct, rec.version, rec.header, rec.fragment)
+                self._decrypted(d, rec, self._recover(d, rec, out) if result is None else result, out)
+                return
         if ct == CHANGE_CIPHER_SPEC:
             # TLS 1.2 (negotiated, or a mid-stream 1.2 renegotiation/resumption): this side encrypts from now on.
             # TLS 1.3 middlebox-compatibility CCS, and any CCS before the ServerHello (e.g. after a
@@ -238,6 +243,10 @@ class TlsSession:
                 return
         else:
             result = self._decrypt(d, rec, out)
+        self._decrypted(d, rec, result, out)
+
+    def _decrypted(self, d: int, rec: Record, result, out: list) -> None:
+        """What a protected record turned out to be: `result` is (inner content type, plaintext) or None."""
         if result is None:
             self.undecrypted[d] += 1
             self._plain_gap(d, "no_key" if self.keys[d] is None and self.app_keys[d] is None else "decrypt_failed", out)
@@ -247,7 +256,7 @@ class TlsSession:
         if ict == APPLICATION_DATA:
             self.plain_lost[d] = False
             if plain:
-                out.append(TlsAppData(d, Timed.at(plain, rec.ts_last)))
+                out.append(TlsAppData(d, Timed(plain if type(plain) is bytes else bytes(plain), ((0, rec.ts_last),))))
         elif ict == HANDSHAKE:
             self._handshake(d, plain, out, rec, decrypted=True)
         elif ict == ALERT and len(plain) >= 2:

@@ -304,6 +304,13 @@ class FrameReader:
                     self.buf.append(view[pos:], ts)
             else:
                 self.buf.append(data, ts)
+            if self.state == "frames" and n - pos >= 9:
+                # the usual tail: the head of a frame that the next piece completes (what _run would conclude)
+                length, ftype, flags, _ = parse_header(data, pos)
+                if length <= self.max_frame and not (ftype == DATA and length > STREAM_DATA_OVER and
+                                                     not flags & FLAG_PADDED):
+                    self.need = 9 + length
+                    return out
             out += self._run()
         return out
 

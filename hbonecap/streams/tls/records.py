@@ -172,6 +172,12 @@ class RecordReader:
                     self.buf.append(data, ts)
             else:
                 self.buf.append_from(piece, pos)
+            if n - pos >= 5:
+                # the usual tail: the head of a record that the next piece completes (what _run would conclude)
+                ctype, version, length = unpack(data, pos)
+                if ctype in CONTENT_TYPES and version >> 8 == 3 and length <= MAX_RECORD:
+                    self.need = 5 + length
+                    return out
             out += self._run()
         return out
 

@@ -263,7 +263,7 @@ class FrameReader:
                     if not len(buf.buf) and self.state in ("frames", "data"):
                         out += self._direct(piece, k)
                     else:
-                        buf.append_timed(piece.slice(k, n))
+                        buf.append_from(piece, k)
                         out += self._run()
                 return out
         buf.append_timed(piece)
@@ -299,11 +299,7 @@ class FrameReader:
                 pos = end
         self.buf.start = base + pos
         if pos < n:
-            if pos:
-                with memoryview(data) as view:
-                    self.buf.append(view[pos:], ts)
-            else:
-                self.buf.append(data, ts)
+            self.buf.append_from(piece, pos)
             if self.state == "frames" and n - pos >= 9:
                 # the usual tail: the head of a frame that the next piece completes (what _run would conclude)
                 length, ftype, flags, _ = parse_header(data, pos)

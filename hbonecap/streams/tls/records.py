@@ -131,7 +131,7 @@ class RecordReader:
                     if not len(buf.buf) and self.state == "records":
                         out += self._direct(piece, k)
                     else:
-                        buf.append_timed(piece.slice(k, n))
+                        buf.append_from(piece, k)
                         out += self._run()
                 return out
         self.buf.append_timed(piece)
@@ -164,14 +164,7 @@ class RecordReader:
             pos = end
         self.buf.start = base + pos
         if pos < n:
-            if single:
-                if pos:
-                    with memoryview(data) as view:
-                        self.buf.append(view[pos:], ts)
-                else:
-                    self.buf.append(data, ts)
-            else:
-                self.buf.append_from(piece, pos)
+            self.buf.append_from(piece, pos)
             if n - pos >= 5:
                 # the usual tail: the head of a record that the next piece completes (what _run would conclude)
                 ctype, version, length = unpack(data, pos)

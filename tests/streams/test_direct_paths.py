@@ -54,6 +54,18 @@ def _pieces(data: bytes, cuts: list[int], multi: bool) -> list[Timed]:
     return out
 
 
+def _feed_both(fast, slow, pieces: list[Timed]) -> bool:
+    """Feed the same pieces to a reader and to its buffered-path twin: True when every event is the same."""
+    a, b = [], []
+    for p in pieces:
+        a += fast.feed(p)
+        b += slow.feed(p)
+    a += fast.close()
+    b += slow.close()
+    assert _norm(a) == _norm(b)
+    return True
+
+
 def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
     return struct.pack(">BHBBI", len(payload) >> 16, len(payload) & 0xFFFF, ftype, flags, sid) + payload
 
@@ -68,13 +80,7 @@ def test_frame_reader_direct_equals_buffered(spec, cuts, multi, state):
     data = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" if state == "preface" else b"") + b"".join(
         _frame(t, f, s, bytes([s]) * n) for t, f, s, n in spec)
     fast, slow = FrameReader(state), BufferedFrames(state)
-    a, b = [], []
-    for p in _pieces(data, cuts, multi):
-        a += fast.feed(p)
-        b += slow.feed(p)
-    a += fast.close()
-    b += slow.close()
-    assert _norm(a) == _norm(b)
+    assert _feed_both(fast, slow, _pieces(data, cuts, multi))
     assert fast.buf.start == slow.buf.start and bytes(fast.buf.buf) == bytes(slow.buf.buf)
 
 
@@ -86,13 +92,7 @@ def test_frame_reader_direct_equals_buffered(spec, cuts, multi, state):
 def test_record_reader_direct_equals_buffered(spec, cuts, multi, tail):
     data = b"".join(struct.pack(">BHH", t, 0x0303, n) + bytes([t]) * n for t, n in spec) + tail
     fast, slow = RecordReader(), BufferedRecords()
-    a, b = [], []
-    for p in _pieces(data, cuts, multi):
-        a += fast.feed(p)
-        b += slow.feed(p)
-    a += fast.close()
-    b += slow.close()
-    assert _norm(a) == _norm(b)
+    assert _feed_both(fast, slow, _pieces(data, cuts, multi))
     assert fast.records == slow.records == len(spec)
 
 

@@ -133,14 +133,7 @@ def main() -> None:
                     help="also run correlate -o on a mesh set of this size (e.g. 5000) and report peak memory")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
-    import mesh
-
-    d = DATA / f"mesh-{a.mb:g}"
-    if not (d / "mesh.json").exists():
-        mesh.generate(d, a.mb)
-    truth = json.loads((d / "mesh.json").read_text())
-    files = [d / f"{n}.pcap" for n in mesh.CAPTURES]
-    packets = sum(c["packets"] for c in truth["captures"].values())
+    d, truth, files, packets = mesh_set(a.mb)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     hb = shutil.which("hbonecap") or "hbonecap"
     out = DATA / "mesh-out"
@@ -198,6 +191,19 @@ def main() -> None:
         (HERE / "full-analysis.md").write_text(text)
 
 
+def mesh_set(mb: float):
+    """The mesh capture set of about `mb` MB under benchmarks/data (generated the first time): (directory, truth,
+    capture files, packet count)."""
+    import mesh
+
+    d = DATA / f"mesh-{mb:g}"
+    if not (d / "mesh.json").exists():
+        mesh.generate(d, mb)
+    truth = json.loads((d / "mesh.json").read_text())
+    files = [d / f"{n}.pcap" for n in mesh.CAPTURES]
+    return d, truth, files, sum(c["packets"] for c in truth["captures"].values())
+
+
 def truth_exact(flows, hops, truth: dict) -> int:
     """Flows that match the generator's truth in every respect: one flow per client, the same original
     destination, backend, HBONE connection, stream id and trace id, and all of its legs tied, i.e. its hops
@@ -220,15 +226,9 @@ def truth_exact(flows, hops, truth: dict) -> int:
 
 def memory_rows(a, hb: str) -> list[str]:
     """`hbonecap correlate -o` on a large mesh set: peak RSS of the largest process and of the whole process tree."""
-    import mesh
     import pandas as pd
 
-    d = DATA / f"mesh-{a.memory_set:g}"
-    if not (d / "mesh.json").exists():
-        mesh.generate(d, a.memory_set)
-    truth = json.loads((d / "mesh.json").read_text())
-    files = [d / f"{n}.pcap" for n in mesh.CAPTURES]
-    packets = sum(c["packets"] for c in truth["captures"].values())
+    d, truth, files, packets = mesh_set(a.memory_set)
     gb = sum(f.stat().st_size for f in files) / 1e9
     out = [f"Memory: benchmarks/mesh.py --mb {a.memory_set:g}: {len(files)} captures, {gb:.2f} GB, {packets:,} packets, "
            f"{len(truth['connections'])} connections. `hbonecap correlate DIR -k -m -o OUT -j N` (the packets table "

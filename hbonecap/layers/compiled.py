@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
 from hbonecap import config as C
+from hbonecap.capture.prefetch import prefetch as _prefetch
 from hbonecap.capture.records import RecordBatch
 from hbonecap.config import DecodeConfig
 from hbonecap.layers import ip, link, tunnels
@@ -102,25 +100,6 @@ def _port_classes(config: DecodeConfig) -> np.ndarray:
 
 
 # -- the compiled walk ---------------------------------------------------------------------------------------
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """A hint to bring the cache line of arr[idx] in (llvm.prefetch: read, keep); never faults, so idx may lie
-    past the end of the array."""
-    sig = types.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
 
 @numba.njit(cache=True, nogil=True)
 def walk(buf, base, caplen, origlen, port_class, eth_kind, ip4_kind, ip6_kind, gen_kind, null_af6, limits,

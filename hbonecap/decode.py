@@ -167,6 +167,14 @@ def encode_encaps(interner: Interner, depth: np.ndarray, tun_type: np.ndarray, t
 INT_COLUMNS = ("ifindex", "pkttype", "vlan", "vni", "tunnel_options", "outer_sport", "outer_dport", "ip_version",
                "ttl", "ip_id", "sport", "dport", "tcp_flags", "seq", "ack", "win", "mss", "wscale", "sack_blocks",
                "tsval", "tsecr", "icmp_type", "icmp_code", "payload_len", "payload_offset")
+_WIDE_FIELD_SEQ = K.WIDE_FIELDS.index("seq")
+# The packets table's int64 columns, in the order of their rows in PacketColumns' blocks.
+BLOCK_COLUMNS = ("index", "ts", "length", "caplen", "frame_offset") + INT_COLUMNS
+_ROW = {c: i for i, c in enumerate(BLOCK_COLUMNS)}
+_FIRST_INT = _ROW[INT_COLUMNS[0]]
+# Row of each DecodeContext int64 field.
+_WIDE_ROWS = tuple(_ROW[{"tun_options": "tunnel_options", "payload_off": "payload_offset"}.get(f, f)]
+                   for f in K.WIDE_FIELDS)
 
 
 @dataclass
@@ -196,6 +204,43 @@ class PacketColumns:
         self.parts: dict[str, list[np.ndarray]] = {}
         self.comments: dict[int, str] = {}
         self.anomalies: list[tuple] = []
+        # The BLOCK_COLUMNS are rows of int64 blocks: the layer walk writes the INT_COLUMNS in place (`reserve`),
+        # the table's columns are views of them. spans: (block, first row, end row) added since the last table.
+        self.block: np.ndarray | None = None
+        self.fill = 0
+        self.spans: list[list] = []
+        self._reserved: tuple[int, list[np.ndarray]] | None = None
+
+    def reserve(self, n: int, capacity: int = 0) -> list[np.ndarray]:
+        """Views of the next `n` rows of the BLOCK_COLUMNS storage, one per DecodeContext.WIDE_FIELDS, to decode
+        the next batch into (`decode_batch(..., wide=...)`); `add` of that batch takes them as they are. A new
+        block holds max(n, capacity) rows: capacity is the caller's estimate of the rows still to come (pages
+        of a block never written are never committed, so a generous estimate costs address space only)."""
+        if self.block is None or self.fill + n > self.block.shape[1]:
+            rows = max(n, capacity)
+            self.block = _int_block(len(BLOCK_COLUMNS), rows)
+            self.fill = 0
+        lo, hi = self.fill, self.fill + n
+        self.fill = hi
+        views = [self.block[r, lo:hi] for r in _WIDE_ROWS]
+        self._reserved = (n, views)
+        return views
+
+    def _rows_of(self, ctx: DecodeContext) -> np.ndarray:
+        """The block columns of the batch `ctx` decoded (reserved for it, or filled from it now)."""
+        n = ctx.n
+        if self._reserved is None or self._reserved[0] != n or ctx.seq is not self._reserved[1][_WIDE_FIELD_SEQ]:
+            for view, field_name in zip(self.reserve(n), K.WIDE_FIELDS):
+                view[:] = getattr(ctx, field_name)
+        self._reserved = None
+        block, hi = self.block, self.fill
+        lo = hi - n
+        last = self.spans[-1] if self.spans else None
+        if last is not None and last[0] is block and last[2] == lo:
+            last[2] = hi
+        else:
+            self.spans.append([block, lo, hi])
+        return block[:, lo:hi]
 
     def next_file(self, info: CaptureInfo) -> None:
         """The next rotated file of the same capture point."""
@@ -221,10 +266,14 @@ class PacketColumns:
         n = len(batch)
         if n == 0:
             return
-        numbers = batch.frame_numbers() + self.index_offset
+        rows = self._rows_of(ctx)
+        numbers = rows[_ROW["index"]]
+        np.add(batch.frame_numbers(), self.index_offset, out=numbers)
         self.last_index = max(self.last_index, int(numbers[-1]))
-        self._add("index", numbers)
-        self._add("ts", batch.ts_ns)
+        rows[_ROW["ts"]] = batch.ts_ns
+        rows[_ROW["length"]] = batch.origlen
+        rows[_ROW["caplen"]] = batch.caplen
+        np.add(batch.data_off, batch.file_offset, out=rows[_ROW["frame_offset"]])
         ikey = batch.iface.astype(np.int64) + (self.file_no << 20)
         self._add("interface", self.iface.encode(ikey))
         self._add("link_type", self.link.encode(ikey))
@@ -234,23 +283,15 @@ class PacketColumns:
         self._add("outer_dst", encode_addresses(self.addr, ctx.outer_ipver, ctx.outer_dst))
         self._add("encap", encode_encaps(self.encap, ctx.depth, ctx.tun_type, ctx.tun_vni))
         self._add("proto", self.proto.encode(ctx.proto))
-        inner = np.where(ctx.depth > 0, np.take_along_axis(
-            ctx.tun_vni, np.maximum(ctx.depth.astype(np.int64) - 1, 0)[:, None], axis=1)[:, 0], -1)
-        self._add("vni", inner)
-        self._add("ip_version", np.where(ctx.ipver > 0, ctx.ipver, -1))
-        for col, arr in (("ifindex", ctx.ifindex), ("pkttype", ctx.pkttype), ("vlan", ctx.vlan),
-                         ("tunnel_options", ctx.tun_options), ("outer_sport", ctx.outer_sport),
-                         ("outer_dport", ctx.outer_dport), ("ttl", ctx.ttl), ("ip_id", ctx.ip_id),
-                         ("sport", ctx.sport), ("dport", ctx.dport), ("tcp_flags", ctx.tcp_flags), ("seq", ctx.seq),
-                         ("ack", ctx.ack), ("win", ctx.win), ("mss", ctx.mss), ("wscale", ctx.wscale),
-                         ("sack_permitted", ctx.sack_permitted), ("sack_blocks", ctx.sack_blocks),
-                         ("tsval", ctx.tsval), ("tsecr", ctx.tsecr), ("icmp_type", ctx.icmp_type),
-                         ("icmp_code", ctx.icmp_code), ("payload_len", ctx.payload_len),
-                         ("payload_offset", ctx.payload_off)):
-            self._add(col, arr)
-        self._add("length", batch.origlen)
-        self._add("caplen", batch.caplen)
-        self._add("frame_offset", batch.data_off + batch.file_offset)
+        vni, ipv = rows[_ROW["vni"]], rows[_ROW["ip_version"]]
+        vni.fill(-1)
+        tunnelled = ctx.depth > 0
+        if tunnelled.any():
+            inner = np.take_along_axis(ctx.tun_vni, np.maximum(ctx.depth.astype(np.int64) - 1, 0)[:, None], axis=1)
+            np.copyto(vni, inner[:, 0], where=tunnelled)
+        ipv.fill(-1)
+        np.copyto(ipv, ctx.ipver, where=ctx.ipver > 0)
+        self._add("sack_permitted", ctx.sack_permitted)
         for pos, text in batch.comments.items():
             self.comments[int(numbers[pos])] = redact_secrets(text)
         for sel, layer, kind, detail in ctx.anomalies:
@@ -261,9 +302,9 @@ class PacketColumns:
                 self.anomalies.extend((int(i), layer, kind, str(dt)) for i, dt in zip(idx, detail))
 
     def packets(self) -> pd.DataFrame:
-        """The packets table of every batch added since the last call (all of them for the first call): the
-        accumulated columns are released column by column while the table is built, so the peak is about the
-        table itself plus one column. Category codes are stable across calls (one interner per column)."""
+        """The packets table of every batch added since the last call (all of them for the first call). Its
+        int64 columns are views of the block the batches were decoded into (one copy only when they span
+        blocks); the category columns' codes are concatenated, stable across calls (one interner per column)."""
         parts, self.parts = self.parts, {}
         if not parts:
             return tables.empty("packets")
@@ -274,24 +315,28 @@ class PacketColumns:
                 return chunks[0]
             return np.concatenate(chunks, dtype=dtype)
 
-        index = take("index")
+        spans, self.spans = self.spans, []
+        self.block = None                        # the next table's rows start a new block
+        block = spans[0][0][:, spans[0][1]:spans[0][2]] if len(spans) == 1 else \
+            np.concatenate([b[:, lo:hi] for b, lo, hi in spans], axis=1)
+        index = block[_ROW["index"]]
         n = len(index)
         out: dict[str, object] = {}
         out["capture"] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[self.name])
         out["index"] = index
-        out["ts"] = pd.arrays.DatetimeArray._simple_new(take("ts", np.int64).view("M8[ns]"),
+        out["ts"] = pd.arrays.DatetimeArray._simple_new(block[_ROW["ts"]].view("M8[ns]"),
                                                         dtype=pd.DatetimeTZDtype("ns", "UTC"))
         for col, interner in (("interface", self.iface), ("link_type", self.link), ("encap", self.encap),
                               ("outer_src", self.addr), ("outer_dst", self.addr), ("src", self.addr),
                               ("dst", self.addr), ("proto", self.proto)):
             out[col] = interner.categorical(take(col))
-        for col in INT_COLUMNS:
-            v = take(col, np.int64)
-            out[col] = pd.arrays.IntegerArray(v, v < 0)
+        absent = block[_FIRST_INT:] < 0
+        for j, col in enumerate(INT_COLUMNS):
+            out[col] = pd.arrays.IntegerArray(block[_FIRST_INT + j], absent[j])
         sp = take("sack_permitted")
         out["sack_permitted"] = pd.arrays.BooleanArray(sp == 1, sp < 0)
         for col in ("length", "caplen", "frame_offset"):
-            out[col] = take(col, np.int64)
+            out[col] = block[_ROW[col]]
         out["comment"] = self._comment_column(index)
         return pd.DataFrame({c: out.pop(c) for c in tables.columns("packets")}, copy=False)
 
@@ -367,7 +412,10 @@ class PacketStream:
         infos: list[CaptureInfo] = []
         rows: list[tuple] = []
         pending = 0
-        for p in self.paths:
+        sizes = [_size(p) for p in self.paths]
+        before = 0                 # bytes of the files already read
+        seen = 0                   # rows decoded so far
+        for file_no, p in enumerate(self.paths):
             reader = CaptureReader(p, config, name=self.name)
             if cols is None:
                 cols = PacketColumns(reader.info.name, reader.info)
@@ -378,8 +426,16 @@ class PacketStream:
                 link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
                 for lo in range(0, len(batch), config.batch_packets):
                     part = _slice(batch, lo, lo + config.batch_packets)
-                    ctx = decode_batch(part, link_types, config)
+                    n = len(part)
+                    if self.rows is not None:
+                        capacity = self.rows + config.batch_packets
+                    else:                  # the rows still to come, estimated from the bytes read so far
+                        done = before + part.file_offset + int(part.data_off[-1]) + int(part.caplen[-1])
+                        capacity = n + config.batch_packets + int(
+                            max(sum(sizes) - done, 0) * 1.1 * (seen + n) / max(done, 1))
+                    ctx = decode_batch(part, link_types, config, wide=cols.reserve(n, capacity))
                     cols.add(part, ctx, reader.info)
+                    seen += n
                     if self.on_batch is not None:
                         self.on_batch(reader, part, ctx)
                     del ctx
@@ -389,6 +445,7 @@ class PacketStream:
                         yield cols.packets()
             info = reader.info
             infos.append(info)
+            before += sizes[file_no]
             rows += [(cols.name, None if i is None else i + reader.index_offset, layer, kind, detail)
                      for i, layer, kind, detail in info.anomalies]
         rows += [(cols.name, i, layer, kind, detail) for i, layer, kind, detail in cols.anomalies]
@@ -396,6 +453,25 @@ class PacketStream:
         self.anomalies = anomalies_frame(rows)
         if pending or self.rows is None:
             yield cols.packets()
+
+
+def _int_block(rows: int, cols: int) -> np.ndarray:
+    """An uninitialised (rows, cols) int64 block in its own private anonymous mapping. Only the pages written
+    are committed, so a block sized from an estimate costs address space only; they are ordinary pages
+    (numpy's allocator asks for transparent huge pages, which would commit up to 2 MB past the rows in use of
+    every column: measured, huge pages cut the page faults by 3x but not the time, which goes to zeroing the
+    memory)."""
+    import mmap
+
+    mm = mmap.mmap(-1, max(rows * cols * 8, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mm, dtype=np.int64, count=rows * cols).reshape(rows, cols)
+
+
+def _size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def decode_capture(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,

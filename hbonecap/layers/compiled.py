@@ -524,11 +524,11 @@ def _checked_walk():
 _INPUTS = ("buf", "base", "caplen", "origlen")
 
 
-def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig) -> DecodeContext:
+def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig, wide=None) -> DecodeContext:
     """Same contract and result as `unwrap.decode_batch(..., engine="numpy")`, compiled for the common case."""
     from hbonecap.layers import unwrap
 
-    ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config)
+    ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config, wide)
     if ctx.n == 0:
         return ctx
     ctx.kind[:] = _first_kinds(link_types, config)[batch.iface]

@@ -48,11 +48,17 @@ TUN_GENEVE = 1
 TUN_VXLAN = 2
 
 
+# The per-packet integer fields kept as int64 (-1: absent), in the order of a `wide` block.
+WIDE_FIELDS = ("ifindex", "pkttype", "vlan", "tun_options", "outer_sport", "outer_dport", "ttl", "ip_id", "sport",
+               "dport", "tcp_flags", "seq", "ack", "win", "mss", "wscale", "sack_blocks", "tsval", "tsecr",
+               "icmp_type", "icmp_code", "payload_len", "payload_off")
+
+
 class DecodeContext:
     """Cursors and output columns of one batch of frames."""
 
     def __init__(self, buf: np.ndarray, base: np.ndarray, caplen: np.ndarray, origlen: np.ndarray,
-                 config: DecodeConfig) -> None:
+                 config: DecodeConfig, wide=None) -> None:
         n = len(base)
         self.n = n
         self.config = config
@@ -63,46 +69,33 @@ class DecodeContext:
         self.off = np.zeros(n, dtype=np.int64)
         self.kind = np.zeros(n, dtype=np.int8)
         self.anomalies: list[tuple[np.ndarray, str, str, object]] = []
-        neg = lambda dt: np.full(n, -1, dtype=dt)  # noqa: E731
+        # The integer fields that become the packets table's nullable Int64 columns: int64 rows of one block,
+        # -1 where absent. The block is the caller's (`wide`: PacketColumns hands out rows of the table's own
+        # storage, so the walk writes the final columns and nothing is copied or widened afterwards) or one
+        # allocation here (large enough for numpy to ask for transparent huge pages: fewer page faults).
+        if wide is None:
+            wide = np.empty((len(WIDE_FIELDS), n), dtype=np.int64)
+        if len(wide) != len(WIDE_FIELDS) or any(len(w) != n or w.dtype != np.int64 for w in wide):
+            raise ValueError("wide: one int64 array of n rows per field of WIDE_FIELDS")
+        for name, column in zip(WIDE_FIELDS, wide):
+            column.fill(-1)
+            setattr(self, name, column)
         self.ipver = np.zeros(n, dtype=np.int8)
         self.src = np.zeros((n, 16), dtype=np.uint8)
         self.dst = np.zeros((n, 16), dtype=np.uint8)
-        self.ttl = neg(np.int16)
-        self.ip_id = neg(np.int32)
         self.ipend = np.zeros(n, dtype=np.int64)      # end of the IP payload per the IP header
         self.l4next = np.zeros(n, dtype=np.int32)     # scratch: IP next header
         self.proto = np.zeros(n, dtype=np.int64)      # class << 16 | number
-        self.sport = neg(np.int32)
-        self.dport = neg(np.int32)
-        self.tcp_flags = neg(np.int16)
-        self.seq = neg(np.int64)
-        self.ack = neg(np.int64)
-        self.win = neg(np.int32)
-        self.mss = neg(np.int32)
-        self.wscale = neg(np.int16)
-        self.sack_permitted = neg(np.int8)
-        self.sack_blocks = neg(np.int16)
-        self.tsval = neg(np.int64)
-        self.tsecr = neg(np.int64)
-        self.icmp_type = neg(np.int16)
-        self.icmp_code = neg(np.int16)
-        self.payload_len = neg(np.int64)
-        self.payload_off = neg(np.int64)
-        self.vlan = neg(np.int32)
+        self.sack_permitted = np.full(n, -1, dtype=np.int8)
         self.vlan_tags = np.zeros(n, dtype=np.int8)
         self.ext_headers = np.zeros(n, dtype=np.int8)
-        self.ifindex = neg(np.int64)
-        self.pkttype = neg(np.int16)
         d = config.max_tunnel_depth
         self.depth = np.zeros(n, dtype=np.int8)
         self.tun_type = np.zeros((n, d), dtype=np.int8)
         self.tun_vni = np.zeros((n, d), dtype=np.int64)
-        self.tun_options = neg(np.int16)
         self.outer_ipver = np.zeros(n, dtype=np.int8)
         self.outer_src = np.zeros((n, 16), dtype=np.uint8)
         self.outer_dst = np.zeros((n, 16), dtype=np.uint8)
-        self.outer_sport = neg(np.int32)
-        self.outer_dport = neg(np.int32)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def at(self, sel: np.ndarray, rel) -> np.ndarray:

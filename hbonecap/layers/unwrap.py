@@ -45,20 +45,20 @@ ENGINES = ("auto", "compiled", "numpy")
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
-def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig, engine: str = "auto"
-                 ) -> DecodeContext:
+def decode_batch(batch: RecordBatch, link_types: np.ndarray, config: DecodeConfig, engine: str = "auto",
+                 wide=None) -> DecodeContext:
     """Decode every frame of `batch`; `link_types[i]` is the link type of interface i.
 
     `engine`: "numpy" runs the vectorised decoders below; "compiled" the numba walk of
     `hbonecap.layers.compiled` (same result, the vectorised decoders handle its odd packets); "auto" is
-    compiled when numba is installed."""
+    compiled when numba is installed. `wide`: where the context's int64 fields go (see DecodeContext)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     if engine == "compiled" or (engine == "auto" and _HAVE_NUMBA):
         from hbonecap.layers import compiled
 
-        return compiled.decode_batch(batch, link_types, config)
-    ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config)
+        return compiled.decode_batch(batch, link_types, config, wide)
+    ctx = DecodeContext(batch.buf, batch.data_off, batch.caplen, batch.origlen, config, wide)
     if ctx.n == 0:
         return ctx
     link.start(ctx, link_types[batch.iface])

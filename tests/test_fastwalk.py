@@ -52,3 +52,32 @@ def test_compiled_walker_on_conformance(conformance, path):
     data = (conformance / path).read_bytes()
     fast, ref = _both(data, True)
     assert fast == ref
+
+
+_CACHE_PROBE = r"""
+import sys
+import numba
+from hbonecap.decode import decode_capture
+decode_capture(sys.argv[1])
+from hbonecap.capture import fastwalk
+from hbonecap.layers import compiled, keys
+dispatchers = list(fastwalk._compiled.values()) + [compiled.walk] + list(keys._kernels().values())
+missed = {d.py_func.__qualname__: sum(d.stats.cache_misses.values()) for d in dispatchers if d.signatures}
+print(sum(missed.values()), sorted(k for k, v in missed.items() if v), len(missed))
+"""
+
+
+def test_compiled_kernels_come_from_numba_cache(tmp_path):
+    """A second process finds every compiled decode kernel in numba's cache: a kernel numba cannot cache (e.g.
+    one closing over a variable) is compiled again in every process, about a second each."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "c.pcap"
+    write_pcap(p, [bytes(60)] * 3)
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(p)], capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    out = runs[1].stdout
+    misses, used = int(out.split(" ", 1)[0]), int(out.rsplit(" ", 1)[1])
+    assert used >= 4, out              # the record walk, the layer walk and the key kernels ran
+    assert misses == 0, f"compiled again in a second process: {out}"

@@ -18,7 +18,12 @@ _compiled = {}
 AHEAD_BYTES = 4096
 
 
+prefetch = None       # capture.prefetch.prefetch once _build has imported numba (a global, not a closure variable:
+                      # numba does not cache functions that close over variables)
+
+
 def _build():
+    global prefetch
     import numba
 
     from hbonecap.capture.prefetch import prefetch

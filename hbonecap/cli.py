@@ -197,8 +197,10 @@ def decode(
     files: List[str] = typer.Argument(..., help="Capture files, globs or directories."),
     table: TableName = typer.Option(TableName.packets, "--table", "-t", help="Which table to show."),
     fmt: OutFormat = typer.Option(OutFormat.table, "--format", "-f", help="table (terminal), csv or parquet."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Write to this file (parquet: or a directory, one file per capture)."),
+    # a str, not a Path: a trailing slash ("-o out/") asks for a directory and Path would drop it
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Write to this file (parquet: or a directory, existing or written "
+                                              "with a trailing slash, one file per capture)."),
     limit: int = typer.Option(50, "--limit", help="Rows shown with --format table."),
     columns: Optional[str] = typer.Option(None, "--columns", "-c",
                                           help="Comma-separated columns, or 'all' (the terminal shows a summary set)."),
@@ -212,10 +214,10 @@ def decode(
         return
     needs_streams = table in (TableName.tunnels, TableName.streams, TableName.requests)
     a = _run_analysis(files, keylog, None, jobs, quiet=fmt is not OutFormat.table, streams=needs_streams, k8s=k8s)
-    _emit(a.table(table.value), fmt, output, limit, table.value, columns)
+    _emit(a.table(table.value), fmt, None if output is None else Path(output), limit, table.value, columns)
 
 
-def _stream_packets(files: List[str], output: Path, jobs: Optional[int], columns: Optional[str]) -> None:
+def _stream_packets(files: List[str], output: str, jobs: Optional[int], columns: Optional[str]) -> None:
     from hbonecap import tables
     from hbonecap.decode import write_packets
     from hbonecap.errors import HbonecapError

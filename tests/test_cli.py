@@ -52,6 +52,15 @@ def test_decode_tables_and_parquet(tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
 
 
+def test_decode_parquet_to_a_new_directory_with_a_trailing_slash(tmp_path):
+    p = _capture(tmp_path)
+    out = tmp_path / "packets"
+    r = runner.invoke(app, ["decode", str(p), "-f", "parquet", "-o", str(out) + "/"])
+    assert r.exit_code == 0, r.output
+    assert [f.name for f in out.iterdir()] == ["node-a-eth0.pcap.parquet"]     # DIR/<capture>.parquet
+    assert list(pd.read_parquet(out)["index"]) == [1, 2, 3]
+
+
 def test_columns_with_csv_and_parquet_write_those_columns(tmp_path):
     p = _capture(tmp_path)
     r = runner.invoke(app, ["decode", str(p), "-f", "csv", "--columns", "index,src"])

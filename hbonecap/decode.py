@@ -217,8 +217,10 @@ class PacketColumns:
         block holds max(n, capacity) rows: capacity is the caller's estimate of the rows still to come (pages
         of a block never written are never committed, so a generous estimate costs address space only)."""
         if self.block is None or self.fill + n > self.block.shape[1]:
-            rows = max(n, capacity)
-            self.block = _int_block(len(BLOCK_COLUMNS), rows)
+            try:
+                self.block = _int_block(len(BLOCK_COLUMNS), max(n, capacity))
+            except (OSError, OverflowError):   # the estimate's address space refused: this batch's rows only
+                self.block = _int_block(len(BLOCK_COLUMNS), n)
             self.fill = 0
         lo, hi = self.fill, self.fill + n
         self.fill = hi

@@ -165,3 +165,23 @@ def test_cli_streams_packets_to_parquet(tmp_path):
     r = CliRunner().invoke(app, ["decode", str(a), str(bad), "-f", "parquet", "-o", str(tmp_path / "x.parquet")])
     assert r.exit_code != 0 and "not a pcap" in r.output
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_refused_block_estimate_falls_back_to_the_batch(tmp_path, monkeypatch):
+    """When the address space for the estimated rows is refused, each batch gets its own block: same table."""
+    import hbonecap.decode as D
+
+    p = tmp_path / "many.pcap"
+    write_pcap(p, [bytes(60 + i % 7) for i in range(3000)])
+    want = D.decode_capture(p).packets
+    real = D._int_block
+
+    def small_only(rows, cols):
+        if cols > 1000:
+            raise OSError(12, "Cannot allocate memory")
+        return real(rows, cols)
+
+    monkeypatch.setattr(D, "_int_block", small_only)
+    cfg = D.DEFAULT_CONFIG.__class__(batch_packets=500)
+    got = D.decode_capture(p, cfg).packets
+    pd.testing.assert_frame_equal(got, want)

@@ -219,8 +219,10 @@ class RecordReader:
                 self.need = 5 + length
                 return out
             offset = buf.start
-            header, ts_first, _ = buf.take_bytes(5)
-            fragment, _, ts_last = buf.take_bytes(length)
+            header, ts_first, ts_last = buf.take_bytes(5)
+            fragment = b""
+            if length:                 # a zero-length record ends with its header
+                fragment, _, ts_last = buf.take_bytes(length)
             self.records += 1
             out.append(Record(ctype, version, header, fragment, ts_first, ts_last, offset))
         return out

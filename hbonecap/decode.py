@@ -209,7 +209,7 @@ class PacketColumns:
         self.block: np.ndarray | None = None
         self.fill = 0
         self.spans: list[list] = []
-        self._reserved: tuple[int, list[np.ndarray]] | None = None
+        self._reserved: list[np.ndarray] | None = None     # the views `reserve` handed out last
 
     def reserve(self, n: int, capacity: int = 0) -> list[np.ndarray]:
         """Views of the next `n` rows of the BLOCK_COLUMNS storage, one per DecodeContext.WIDE_FIELDS, to decode
@@ -224,14 +224,13 @@ class PacketColumns:
             self.fill = 0
         lo, hi = self.fill, self.fill + n
         self.fill = hi
-        views = [self.block[r, lo:hi] for r in _WIDE_ROWS]
-        self._reserved = (n, views)
-        return views
+        self._reserved = [self.block[r, lo:hi] for r in _WIDE_ROWS]
+        return self._reserved
 
     def _rows_of(self, ctx: DecodeContext) -> np.ndarray:
         """The block columns of the batch `ctx` decoded (reserved for it, or filled from it now)."""
         n = ctx.n
-        if self._reserved is None or self._reserved[0] != n or ctx.seq is not self._reserved[1][_WIDE_FIELD_SEQ]:
+        if self._reserved is None or ctx.seq is not self._reserved[_WIDE_FIELD_SEQ]:
             for view, field_name in zip(self.reserve(n), K.WIDE_FIELDS):
                 view[:] = getattr(ctx, field_name)
         self._reserved = None

@@ -31,41 +31,6 @@ def _build():
     from hbonecap.capture.prefetch import prefetch
 
     @numba.njit(cache=True, nogil=True)
-    def pcap_records(buf, pos, hdr, big_endian, max_record, frac_ns, offs, caplen, origlen, ts_ns):
-        """Records from `pos`: header offset, captured and original length, timestamp in ns. Returns
-        (count, next position, 1 if a record was too large)."""
-        end = buf.shape[0]
-        n = 0
-        p = pos
-        while p + hdr <= end:
-            if big_endian:
-                incl = (np.int64(buf[p + 8]) << 24) | (np.int64(buf[p + 9]) << 16) | (np.int64(buf[p + 10]) << 8) | np.int64(buf[p + 11])
-            else:
-                incl = (np.int64(buf[p + 11]) << 24) | (np.int64(buf[p + 10]) << 16) | (np.int64(buf[p + 9]) << 8) | np.int64(buf[p + 8])
-            if incl > max_record:
-                return n, p, 1
-            nxt = p + hdr + incl
-            if nxt > end:
-                break
-            prefetch(buf, nxt + AHEAD_BYTES)
-            prefetch(buf, nxt + AHEAD_BYTES + 64)
-            if big_endian:
-                sec = (np.int64(buf[p]) << 24) | (np.int64(buf[p + 1]) << 16) | (np.int64(buf[p + 2]) << 8) | np.int64(buf[p + 3])
-                frac = (np.int64(buf[p + 4]) << 24) | (np.int64(buf[p + 5]) << 16) | (np.int64(buf[p + 6]) << 8) | np.int64(buf[p + 7])
-                orig = (np.int64(buf[p + 12]) << 24) | (np.int64(buf[p + 13]) << 16) | (np.int64(buf[p + 14]) << 8) | np.int64(buf[p + 15])
-            else:
-                sec = (np.int64(buf[p + 3]) << 24) | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 1]) << 8) | np.int64(buf[p])
-                frac = (np.int64(buf[p + 7]) << 24) | (np.int64(buf[p + 6]) << 16) | (np.int64(buf[p + 5]) << 8) | np.int64(buf[p + 4])
-                orig = (np.int64(buf[p + 15]) << 24) | (np.int64(buf[p + 14]) << 16) | (np.int64(buf[p + 13]) << 8) | np.int64(buf[p + 12])
-            offs[n] = p
-            caplen[n] = incl
-            origlen[n] = orig
-            ts_ns[n] = sec * 1_000_000_000 + frac * frac_ns
-            n += 1
-            p = nxt
-        return n, p, 0
-
-    @numba.njit(cache=True, nogil=True)
     def u32(buf, p, big_endian):
         if big_endian:
             return (np.int64(buf[p]) << 24) | (np.int64(buf[p + 1]) << 16) | (np.int64(buf[p + 2]) << 8) | np.int64(buf[p + 3])
@@ -76,6 +41,30 @@ def _build():
         if big_endian:
             return (np.int64(buf[p]) << 8) | np.int64(buf[p + 1])
         return (np.int64(buf[p + 1]) << 8) | np.int64(buf[p])
+
+    @numba.njit(cache=True, nogil=True)
+    def pcap_records(buf, pos, hdr, big_endian, max_record, frac_ns, offs, caplen, origlen, ts_ns):
+        """Records from `pos`: header offset, captured and original length, timestamp in ns. Returns
+        (count, next position, 1 if a record was too large)."""
+        end = buf.shape[0]
+        n = 0
+        p = pos
+        while p + hdr <= end:
+            incl = u32(buf, p + 8, big_endian)
+            if incl > max_record:
+                return n, p, 1
+            nxt = p + hdr + incl
+            if nxt > end:
+                break
+            prefetch(buf, nxt + AHEAD_BYTES)
+            prefetch(buf, nxt + AHEAD_BYTES + 64)
+            offs[n] = p
+            caplen[n] = incl
+            origlen[n] = u32(buf, p + 12, big_endian)
+            ts_ns[n] = u32(buf, p, big_endian) * 1_000_000_000 + u32(buf, p + 4, big_endian) * frac_ns
+            n += 1
+            p = nxt
+        return n, p, 0
 
     @numba.njit(cache=True, nogil=True)
     def pcapng_epbs(buf, pos, big_endian, n_ifaces, max_block, max_options, out):

@@ -285,13 +285,12 @@ class PcapngWalker:
         k = out.shape[1]
         if not k:
             return out, p
-        run = out[:7]
-        run[5] = np.asarray(self.section_ifaces, dtype=np.int64)[out[5]]
+        out[5] = np.asarray(self.section_ifaces, dtype=np.int64)[out[5]]
         for i in np.flatnonzero(out[6] >= 0).tolist():
             flags[at + i] = int(out[6, i])
-        run[6] = np.arange(self.next_index, self.next_index + k)
+        out[6] = np.arange(self.next_index, self.next_index + k)    # the flags row becomes the frame numbers
         self.next_index += k
-        return run, q
+        return out, q
 
     @staticmethod
     def _chunk(offs, caps, origs, his, los, ifs, nums) -> np.ndarray:

@@ -72,7 +72,7 @@ class DecodeContext:
         # The integer fields that become the packets table's nullable Int64 columns: int64 rows of one block,
         # -1 where absent. The block is the caller's (`wide`: PacketColumns hands out rows of the table's own
         # storage, so the walk writes the final columns and nothing is copied or widened afterwards) or one
-        # allocation here (large enough for numpy to ask for transparent huge pages: fewer page faults).
+        # allocation here.
         if wide is None:
             wide = np.empty((len(WIDE_FIELDS), n), dtype=np.int64)
         if len(wide) != len(WIDE_FIELDS) or any(len(w) != n or w.dtype != np.int64 for w in wide):

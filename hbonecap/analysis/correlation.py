@@ -1355,28 +1355,21 @@ class _Correlator:
         spref = [z for z in (self._ztunnel_of_node(snode, t), self._ztunnel_of_node(dnode, t)) if z]
         cl_list, sv_list = self._end_lists(t, [zc] if zc else [], spref)
         if self._tcp_by_lconn is None:
-            tcp = tcp_of(self.L, self.tunnel_lconns)
-            tcp["fl"] = packet_class(tcp["flags"], tcp["plen"])
-            tcp = tcp.sort_values("ts", kind="stable")
-            self._tcp_by_lconn = {k: g for k, g in tcp.groupby("lconn")}
+            self._tcp_by_lconn = _TunnelPackets.split(tcp_of(self.L, self.tunnel_lconns))
         pk = self._tcp_by_lconn.get(t)
         events = []
         level = 0 if first else 1
         fi = getattr(self, "_flow_pos", {}).get(id(f))
         recorded = self._kl.get((fi, level)) if fi is not None and getattr(self, "_kl", None) else None
         if recorded and pk is not None and cl_list and sv_list:
-            key = ["dir", "seq", "ack", "tsval", "fl"]
             order = ("connect", "connect_response", "first_request_byte", "first_response_byte", "fin", "fin_s2c")
             for ev in sorted(recorded, key=order.index):
                 d, cap, raw, _, rec, ambiguous = recorded[ev]
-                hit = pk[(pk["cap"] == self.cap_index[cap]) & (pk["dir"] == d) & (pk["ts"] == raw)
-                         & (pk["plen"] > 0)]
-                if hit.empty:
+                hit = pk.payload_at(self.cap_index[cap], d, raw)
+                if hit is None:
                     times = {cap: int(raw)}
                 else:
-                    same = pk[(pk[key] == hit.iloc[0][key]).all(axis=1)].sort_values("ts", kind="stable")
-                    same = same.drop_duplicates("cap")
-                    times = {self.caps[int(c)]: int(ts) for c, ts in zip(same["cap"], same["ts"])}
+                    times = {self.caps[c]: ts for c, ts in pk.same_packet(hit)}
                 row = self._event_row(ev, d, times, cl_list, sv_list)
                 if row:
                     row["inferred"] = True
@@ -1395,7 +1388,6 @@ class _Correlator:
         anchors = (("connect", 0, f.app, "syn"), ("connect_response", 1, f.delivery, "syn_ack"),
                    ("first_request_byte", 0, f.app, "data_c2s"), ("first_response_byte", 1, f.delivery, "data_s2c"))
         if pk is not None and cl_list and sv_list:
-            key = ["dir", "seq", "ack", "tsval", "fl"]
             response_at_client = None
             for ev, d, leg, col in anchors:
                 if (ev == "connect" and (new_tunnel or not first)) or (ev == "connect_response" and not last):
@@ -1408,13 +1400,10 @@ class _Correlator:
                 src_list = cl_list if d == 0 else sv_list
                 src = src_list[0]
                 sc = self.cap_index[src]
-                cands = pk[(pk["cap"] == sc) & (pk["dir"] == d) & (pk["plen"] > 0) &
-                           (pk["ts"] - self.off.get(src, 0) >= after)]
-                if cands.empty:
+                first = pk.first_payload_after(sc, d, after, self.off.get(src, 0))
+                if first is None:
                     continue
-                first = cands.iloc[0]
-                same = pk[(pk[key] == first[key]).all(axis=1)].drop_duplicates("cap")
-                times = {self.caps[int(c)]: int(ts) for c, ts in zip(same["cap"], same["ts"])}
+                times = {self.caps[c]: ts for c, ts in pk.same_packet(first)}
                 row = self._event_row(ev, d, times, cl_list, sv_list)
                 if row:
                     row["inferred"] = True
@@ -1565,6 +1554,75 @@ class _Correlator:
 
     def _anom(self, capture, kind, detail) -> None:
         self.anoms.append({"capture": capture, "index": None, "layer": "correlation", "kind": kind, "detail": detail})
+
+
+class _TunnelPackets:
+    """One HBONE connection's TCP packets across all captures, in time order (ties in `Legs.tcp` order), with the
+    lookups the keyless hops make: a capture's payload packet at a time or first after one, and the same packet
+    (direction, seq, ack, TCP timestamp, class) at every other capture. Sorted arrays and binary search: a pooled
+    connection can carry many flows and each asks a few questions."""
+
+    def __init__(self, cap, direction, seq, ack, tsval, fl, ts, plen):
+        self.cap, self.dir, self.seq, self.ack, self.tsval, self.fl, self.ts = cap, direction, seq, ack, tsval, fl, ts
+        by_seq = np.argsort(seq, kind="stable")
+        self._by_seq, self._seq_sorted = by_seq, seq[by_seq]
+        pay = np.flatnonzero(plen > 0)
+        self._payload: dict[tuple[int, int], np.ndarray] = {}        # (cap, dir) -> positions, time order
+        if len(pay):
+            k = cap[pay] * 2 + direction[pay]
+            o = np.argsort(k, kind="stable")
+            ks, rows = k[o], pay[o]
+            cuts = np.flatnonzero(np.diff(ks)) + 1
+            for part in np.split(rows, cuts):
+                self._payload[(int(cap[part[0]]), int(direction[part[0]]))] = part
+        self._shifted: dict[tuple[int, int, float], np.ndarray] = {}
+
+    @classmethod
+    def split(cls, tcp: pd.DataFrame) -> dict[int, "_TunnelPackets"]:
+        lconn = tcp["lconn"].to_numpy(np.int64)
+        ts = tcp["ts"].to_numpy(np.int64)
+        order = np.lexsort((ts, lconn))
+        col = {c: tcp[c].to_numpy(np.int64)[order] for c in ("cap", "dir", "seq", "ack", "tsval", "flags", "plen")}
+        fl = packet_class(col["flags"], col["plen"])
+        lc, ts = lconn[order], ts[order]
+        starts = np.flatnonzero(np.r_[True, lc[1:] != lc[:-1]]) if len(lc) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(lc)]
+        return {int(lc[a]): cls(col["cap"][a:b], col["dir"][a:b], col["seq"][a:b], col["ack"][a:b],
+                                col["tsval"][a:b], fl[a:b], ts[a:b], col["plen"][a:b])
+                for a, b in zip(starts, ends)}
+
+    def payload_at(self, cap: int, direction: int, ts) -> int | None:
+        """The first of the capture's payload packets in that direction at exactly `ts`."""
+        rows = self._payload.get((cap, direction))
+        if rows is None:
+            return None
+        t = self.ts[rows]
+        i = int(np.searchsorted(t, ts, side="left"))
+        return int(rows[i]) if i < len(rows) and t[i] == ts else None
+
+    def first_payload_after(self, cap: int, direction: int, after, offset=0) -> int | None:
+        """The capture's first payload packet in that direction whose time less `offset` is at or after `after`."""
+        rows = self._payload.get((cap, direction))
+        if rows is None:
+            return None
+        key = (cap, direction, offset)
+        t = self._shifted.get(key)
+        if t is None:
+            t = self._shifted[key] = self.ts[rows] - offset
+        i = int(np.searchsorted(t, after, side="left"))
+        return int(rows[i]) if i < len(rows) else None
+
+    def same_packet(self, i: int) -> list[tuple[int, int]]:
+        """(capture code, time) of the packet at position `i` at each capture that saw it, first sighting each."""
+        lo = np.searchsorted(self._seq_sorted, self.seq[i], side="left")
+        hi = np.searchsorted(self._seq_sorted, self.seq[i], side="right")
+        cand = self._by_seq[lo:hi]
+        cand = cand[(self.dir[cand] == self.dir[i]) & (self.ack[cand] == self.ack[i])
+                    & (self.tsval[cand] == self.tsval[i]) & (self.fl[cand] == self.fl[i])]
+        seen: dict[int, int] = {}
+        for j in np.sort(cand):
+            seen.setdefault(int(self.cap[j]), int(self.ts[j]))
+        return list(seen.items())
 
 
 def _min_cost_assignment(cost: list[list[float]]) -> list[tuple[int, int]]:

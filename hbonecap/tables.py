@@ -278,7 +278,8 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         ("uncertainty_ms", "float64", "half the width of the offset bracket, added along the chain"),
         ("drift_ppm", "float64", "estimated drift of this clock against the last link's (ppm; not corrected; "
                                  "empty when the shared traffic spans under 2 s)"),
-        ("via", "string", "chain of clock groups the offset was carried through"),
+        ("via", "string", "chain of clock groups the offset was carried through; 'causal' when bracketed by "
+                          "server connections opened between a CONNECT and its response; 'unconnected' if none"),
         ("method", "string", "how it was estimated: connections, packet pairs, captures compared"),
         ("connections", "Int64", "connections seen both ways used for the last link"),
         ("packets", "Int64", "packet pairs used for the last link"),

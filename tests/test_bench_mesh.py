@@ -135,3 +135,29 @@ def test_keyless_ties_every_connection_without_a_ztunnel_capture(mesh_set):
         assert (f["dst_pod"], f["hbone_client"], f["hbone_server"], f["match"]) == \
             (c["backend"], c["hbone_client"], c["hbone_server"], "inferred"), c["client"]
         assert f["confidence"] >= 0.9, (c["client"], f["match_reason"])
+
+
+def test_without_a_manifest_every_flow_keeps_its_server_connection(mesh_set):
+    """No capture-point manifest: pod-b's capture shares no packet with any other capture (the node NICs see only
+    HBONE), so its clock cannot come from shared packets. Its server connections are still tied by content (the
+    decrypted request line and byte counts), every flow keeps all three hops with full confidence, and pod-b's clock
+    is bracketed by causality (each server connection opens between its CONNECT and the 200) around the true
+    offset."""
+    d = mesh_set.directory
+    a = hbonecap.analyze(str(d), keylog=str(mesh_set.keylog))
+    truth = mesh_set.truth
+    flows = a.flows
+    assert len(flows) == len(truth["connections"])
+    hops = a.hops
+    for c in truth["connections"]:
+        f = flows[flows["client"] == c["client"]].iloc[0]
+        assert (f["dst_pod"], f["match"], f["confidence"], f["hops"]) == (c["backend"], "exact", 1.0, 3), c["client"]
+        last = hops[(hops["flow_id"] == f["flow_id"]) & (hops["hop_index"] == 2)]
+        assert set(last["connection"]) == {f"{c['upstream']} > {c['backend']}"}, c["client"]
+    clock = a.clock.set_index("capture")
+    pod_b = clock.loc["pod-b-eth0.pcap"]
+    true_ms = truth["clock_offsets_ns"]["node-b"] / 1e6
+    assert pod_b["via"] == "causal"
+    assert abs(pod_b["offset_ms"] - true_ms) <= pod_b["uncertainty_ms"] + 1e-9
+    assert pod_b["uncertainty_ms"] < 0.5
+    assert not (a.anomalies["kind"].astype(str) == "clock_unconnected").any()

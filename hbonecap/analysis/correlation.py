@@ -10,14 +10,17 @@ destination ztunnel to the server pod. `correlate(a)` ties them together from an
 2. Capture points: each pod/ztunnel/waypoint capture's own address (the address in most of its packets); a
    capture without a node is placed on the node whose ztunnel shares its pod subnet, else the node whose local
    captures share its connections.
-3. Clock offsets (`clock.py`): one clock per node; offsets from packets seen at two nodes, both ways.
+3. Clock offsets (`clock.py`): one clock per node; offsets from packets seen at two nodes, both ways. A clock
+   that shares no packet with the others (a pod capture without a node) is bracketed by causality after a
+   first match: its server connections open between their stream's CONNECT and the 200 (`_causal_clocks`).
 4. Logical HBONE streams: the streams table's rows tied by (carrying TCP connection, stream id). Stream events
    seen in a decrypted capture are carried over to captures of the same TCP connection that could not decrypt
    it, through the TCP sequence number of the packet that carried them.
 5. Matching, in order of certainty: the app connection to the stream whose `forwarded: for=` names its client
    (exact); a waypoint's re-originated stream to the stream it serves (addresses, timing, tunnelled request and
    byte counts); the destination ztunnel's connection to the server pod (its server is the stream's
-   destination, it starts after the CONNECT and carries the same request and bytes); then the remaining app
+   destination, it starts after the CONNECT and carries the same request and bytes; a different request line
+   rules a candidate out, and one seen only under an unconnected clock must agree in content); then the remaining app
    connections by the tunnelled request line, byte counts and timing (`inferred` where nothing was decrypted).
    Without keys (`match_keyless`): client connection -> HBONE connection (-> a waypoint's HBONE connection)
    -> server connection, scored from the plaintext request lines, byte counts, outer addresses and the HBONE
@@ -53,7 +56,8 @@ import pandas as pd
 
 from hbonecap import tables
 from hbonecap.analysis.keyless import data_payload, infer_records
-from hbonecap.analysis.clock import datagram_deltas, packet_class, packet_deltas, pair_estimates, solve_offsets
+from hbonecap.analysis.clock import (GroupOffset, datagram_deltas, packet_class, packet_deltas, pair_estimates,
+                                    solve_offsets)
 from hbonecap.analysis.cluster import first_writes, tcp_of, tcp_where
 from hbonecap.analysis.inputs import correlation_address_counts, correlation_datagrams, correlation_legs
 from hbonecap.analysis.legs import Legs, leg_state
@@ -70,6 +74,8 @@ KEYLESS_TOL = 50_000       # 50 us: a TLS record follows the plain-leg event it 
 SIZE_WINDOW = 20_000_000   # a DATA record of the expected size is preferred to earlier ones within 20 ms
 FIRST_WRITES = 8           # running totals of a leg's first data segments a first DATA frame may carry
 KEYLESS_OPTIONS = 64       # candidate records per keyless event (bounded work on long-lived pooled connections)
+CAUSAL_MIN = 3              # server connections needed to bracket a clock from causality
+CAUSAL_TRIM = 0.05          # share of the tightest causal bounds set aside each side (event time errors)
 AMBIGUOUS_MARGIN = 1.0     # a keyless match less than this score above its best alternative is ambiguous
 
 # keyless events: (class, direction) -> (record kinds that can carry it, the kind expected)
@@ -169,7 +175,12 @@ class _Correlator:
         self.lcd: dict[int, dict] = {int(r["lconn"]): r for r in self.L.lconns.to_dict("records")}
         self._leg_times()
         self._streams()
+        before = len(self.anoms)
         flows = self._match()
+        if self._causal_clocks(flows):      # times of those captures changed: match again with them
+            del self.anoms[before:]
+            self._leg_times()
+            flows = self._match()
         self._flow_pos = {id(f): i for i, f in enumerate(flows)}
         self._keyless_events(flows)
         return self._tables(flows)
@@ -297,6 +308,56 @@ class _Correlator:
         for c in self.caps:
             o = self.offsets.get(self.group[c])
             self.off[c] = int(round(o.offset_ns)) if o is not None and np.isfinite(o.offset_ns) else 0
+
+    def _causal_clocks(self, flows: list[_Flow]) -> bool:
+        """An offset for each clock group that shares no packet with the reference, from causality: the
+        destination ztunnel opens its connection to the server after the CONNECT reached it and before it answers,
+        so each server connection seen by such a group (first c2s packet at raw time r) tied to a stream whose
+        CONNECT was first seen at t0 and its response at t1 (reference time) brackets the offset in
+        [r - t1, r - t0]. The brackets of all tied connections are intersected, less the tightest 5% of bounds
+        each side (a stream event time carried by a record that other streams' bytes share can be off by a link
+        delay); an empty intersection (wrong ties, or a proxy that answers before it connects) leaves the group
+        uncorrected, with an anomaly. True if some group got an offset."""
+        unclocked = {g for g, o in self.offsets.items() if o.via == "unconnected"}
+        if not unclocked:
+            return False
+        lo: dict[str, list[int]] = defaultdict(list)
+        hi: dict[str, list[int]] = defaultdict(list)
+        for f in flows:
+            if f.delivery is None or not f.streams:
+                continue
+            t0 = self.stream_time(f.streams[-1], "connect")
+            t1 = self.stream_time(f.streams[-1], "connect_response")
+            if t0 is None or t1 is None or t1 < t0:
+                continue
+            for r in self.leg_recs.get(f.delivery, []):
+                g = self.group.get(r["capture"])
+                if g in unclocked and r["first_c2s"] >= 0:
+                    lo[g].append(int(r["first_c2s"]) - t1)
+                    hi[g].append(int(r["first_c2s"]) - t0)
+        changed = False
+        for g in sorted(lo):
+            n = len(lo[g])
+            k = int(CAUSAL_TRIM * n)
+            a, b = sorted(lo[g])[n - 1 - k], sorted(hi[g])[k]
+            if n < CAUSAL_MIN or a > b:
+                detail = (f"only {n} server connection(s) tied to a stream" if n < CAUSAL_MIN else
+                          f"the brackets of {n} server connection(s) do not intersect "
+                          f"({a / MS:.3f} ms > {b / MS:.3f} ms)")
+                self._anom(g, "clock_causal_failed", f"clock group {g}: no offset from causality: {detail}")
+                continue
+            self.offsets[g] = GroupOffset(
+                g, (a + b) / 2, (b - a) / 2, "causal", connections=n, method=(
+                    f"causal: {n} server connection(s) opened between their stream's CONNECT and its response "
+                    f"bracket the offset to [{a / MS:.3f}, {b / MS:.3f}] ms"
+                    + (f" (the {k} tightest bound(s) each side set aside)" if k else "")
+                    + "; no packet shared with another clock"))
+            self.anoms = [x for x in self.anoms if not (x["kind"] == "clock_unconnected" and x["capture"] == g)]
+            for c in self.caps:
+                if self.group.get(c) == g:
+                    self.off[c] = int(round((a + b) / 2))
+            changed = True
+        return changed
 
     def _host_group(self, cap: str) -> str:
         label = self._label_of_capture(cap)
@@ -547,10 +608,26 @@ class _Correlator:
             if l not in used_plain:
                 by_server[self.lcd[l]["server"]].append(l)
         # per server: its connections with a first c2s time, sorted by it (position in by_server kept to visit
-        # the window's candidates in the same order as a full scan would)
+        # the window's candidates in the same order as a full scan would). A connection seen only by captures
+        # whose clock shares nothing with the reference has no comparable time: it is looked up by its byte
+        # counts instead and must agree in content (request line and two of host and byte counts)
+        unclocked = self._unclocked_captures()
         timed: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        by_bytes: dict[tuple, list[int]] = defaultdict(list)
         for d, ls in by_server.items():
-            rows = sorted((syn, i, l) for i, l in enumerate(ls) if (syn := self.leg_time(l, "first_c2s")) is not None)
+            rows = []
+            for i, l in enumerate(ls):
+                syn = self.leg_time(l, "first_c2s")
+                if syn is None:
+                    continue
+                if unclocked and all(c in unclocked for c in self._caps_of(l)):
+                    b = self.leg_bytes(l)
+                    for k, n in enumerate(b):
+                        if n > 0:
+                            by_bytes[(d, k, n)].append(l)
+                else:
+                    rows.append((syn, i, l))
+            rows.sort()
             timed[d] = ([r[0] for r in rows], [(r[1], r[2]) for r in rows])
         for s in streams:
             if s.key in next_stream:
@@ -561,14 +638,25 @@ class _Correlator:
                 continue
             resp = self.stream_time(s, "connect_response")
             hi_t = t + WINDOW if resp is None else min(t + WINDOW, resp + TOL)
+            sb = self._sbytes(s)
             for d in dsts:
                 syns, ids = timed.get(d, ([], []))
                 window = sorted(ids[bisect.bisect_left(syns, t - TOL):bisect.bisect_right(syns, hi_t)])
                 for _, l in window:
                     syn = self.leg_time(l, "first_c2s")
                     req, host = self.leg_request(l)
-                    score = self._content_score(s.request, s.host, self._sbytes(s), req, host, self.leg_bytes(l))
+                    if self._requests_conflict(s.request, req):
+                        continue
+                    score = self._content_score(s.request, s.host, sb, req, host, self.leg_bytes(l))
                     cand.append((score, syn - t, s.key, l))
+                for l in dict.fromkeys(by_bytes.get((d, 0, sb[0]), []) + by_bytes.get((d, 1, sb[1]), [])):
+                    syn = self.leg_time(l, "first_c2s")
+                    req, host = self.leg_request(l)
+                    if abs(syn - t) > WINDOW or self._requests_conflict(s.request, req):
+                        continue
+                    score = self._content_score(s.request, s.host, sb, req, host, self.leg_bytes(l))
+                    if score >= 4:
+                        cand.append((score, abs(syn - t), s.key, l))
         taken: set[int] = set()
         for score, dt, k, l in sorted(cand, key=lambda x: (-x[0], x[1])):
             if k in deliv or l in taken:
@@ -954,6 +1042,24 @@ class _Correlator:
         if bytes1[1] > 0 and bytes2[1] > 0:
             score += 1 if bytes1[1] == bytes2[1] else 0
         return score
+
+    @staticmethod
+    def _requests_conflict(req1, req2) -> bool:
+        """Both request lines known and different: not the same request."""
+        def known(r) -> tuple | None:
+            if r is None:
+                return None
+            t = tuple(None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+                      for v in r)
+            return None if None in t else t
+
+        k1, k2 = known(req1), known(req2)
+        return k1 is not None and k2 is not None and k1 != k2
+
+    def _unclocked_captures(self) -> set[str]:
+        """Captures whose clock group shares no packet with the reference's (times uncorrected)."""
+        return {c for c in self.caps if (o := self.offsets.get(self.group.get(c, c))) is not None
+                and o.via == "unconnected"}
 
     def _flow_start(self, f: _Flow) -> int | None:
         if f.app is not None:

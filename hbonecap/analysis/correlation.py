@@ -819,6 +819,15 @@ class _Correlator:
                 src_ips |= self._node_hbone_clients(a_l, by_client_ip)
             for ip in sorted(src_ips):
                 for t in by_client_ip.get(ip, []):
+                    # no server connection can fall in the window below when T itself opens too late or closed
+                    # before A started (a route through a waypoint only narrows it): skip T's routes at once
+                    f1, l1 = self.leg_time(t, "first_ts"), self._lt_last.get(t)
+                    if f1 is None:
+                        continue
+                    upper = min(x for x in (ta + WINDOW, None if l1 is None else l1 + TOL,
+                                            None if a_end is None else a_end + TOL) if x is not None)
+                    if max(ta, f1) - TOL > upper:
+                        continue
                     # direct, or through a waypoint: T's server re-originates HBONE (T2) to the destination
                     routes = [(t, None)] + [(t, t2) for t2 in by_client_ip.get(self.lcd[t]["server_ip"], [])
                                             if t2 != t]
@@ -1002,7 +1011,7 @@ class _Correlator:
         recs = self._tunnel_records(t, d, [])
         if not recs:
             return None
-        times = [x[0] for x in recs]
+        times = self._record_times(recs)
         j0 = bisect.bisect_left(times, lo - KEYLESS_TOL)
         j1 = bisect.bisect_right(times, hi + KEYLESS_TOL)
         out = [x[3] for x in recs[j0:j1] if x[3].kind not in ("handshake", "change_cipher_spec", "alert")]
@@ -1270,7 +1279,13 @@ class _Correlator:
             out = sorted(((self.corr(cap, r.ts_last), cap, r.ts_last, r) for r in labels[best] if r.direction == d),
                          key=lambda x: x[0])
         cache[key] = out
+        self.__dict__.setdefault("_rec_times", {})[id(out)] = [x[0] for x in out]
         return out
+
+    def _record_times(self, recs: list[tuple]) -> list[int]:
+        """The corrected times of a `_tunnel_records` list (kept with it: bisected on every lookup)."""
+        times = self.__dict__.setdefault("_rec_times", {}).get(id(recs))
+        return times if times is not None else [x[0] for x in recs]
 
     def _write_sizes(self, lconn: int | None, d: int) -> frozenset:
         """What the first DATA frame of a tunnelled direction can carry: the running totals of the plain leg's first
@@ -1377,7 +1392,7 @@ class _Correlator:
         assignment (scipy's Hungarian method; greedy only for groups over 250,000 cells) per group of rows whose
         candidate records overlap. Yields (row, record position, [(other flow, ms apart)] when a swap with
         another row's record costs the same)."""
-        times = [x[0] for x in recs]
+        times = self._record_times(recs)
         options: list[dict[int, float]] = []
         for low, high, i, ev, cls, size in rows:
             ok, preferred = KEYLESS_KINDS[(cls, d)]

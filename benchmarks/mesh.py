@@ -20,7 +20,8 @@ CONNECT with :authority, forwarded, traceparent and baggage, many streams per po
 A small discrete-event simulation gives every byte a time: SYN/SYN-ACK/ACK, MSS-sized segments 1.2 us apart,
 delayed ACKs every second segment, TCP timestamps, FIN both ways; the HBONE server side sends the 200 only after
 its connection to the pod is up, the client side forwards app bytes only after the 200 (as ztunnel does).
-Node B's clock is offset (`--offset-us`); pods share their node's clock.
+Node B's clock is offset (`--offset-us`); pods share their node's clock. A pod's eth0 sees its own packets with
+TTL 64 and the node-routed ones of its ztunnel with 63.
 
 Also written: points.toml, the capture-point manifest (`hbonecap correlate -m`: which node each capture was taken
 on; the pod captures' names do not say), and mesh.json, the ground truth (every app connection: client, original destination, HBONE connection,
@@ -208,6 +209,12 @@ class TcpFlow:
             seq[d] += len(payload) + (1 if flags & 0x03 else 0)
             sent[d].append((t, seq[d], tsval))
         return out
+
+
+def routed_frame(frame: bytes) -> bytes:
+    """An Ethernet/IPv4 frame as a pod's eth0 receives it from the node's ztunnel: routed once (TTL 64 -> 63; the
+    generator leaves IP checksums zero)."""
+    return frame[:22] + bytes([frame[22] - 1]) + frame[23:]
 
 
 def geneve_frame(inner: bytes, vni: int, sport: int) -> bytes:
@@ -508,9 +515,11 @@ def _sizes(rng: random.Random, largest: int) -> tuple[int, int]:
 
 
 def generate(directory: str | os.PathLike, mb: float = 300, seed: int = 1, streams_per_connection: int = 40,
-             concurrency: int = 4, offset_us: int = 1_300, largest: int = 2_000_000) -> MeshSet:
+             concurrency: int = 4, offset_us: int = 1_300, largest: int = 2_000_000, routed: bool = True) -> MeshSet:
     """Write the five captures, keylog.txt, points.toml and mesh.json to `directory`; total capture size about `mb`
-    MB (at least one HBONE connection); responses up to `largest` bytes."""
+    MB (at least one HBONE connection); responses up to `largest` bytes. `routed=False`: the pods' peers reach them
+    with TTL 64 (a bridge, as some CNIs have: no TTL tells a pod's own packets from its peer's)."""
+    hop = routed_frame if routed else (lambda fr: fr)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -560,11 +569,11 @@ def generate(directory: str | os.PathLike, mb: float = 300, seed: int = 1, strea
             tunnel_payload += len(fr) - 66
         for app in apps:
             for ts, d, fr in app.pod_a.frames():
-                recs["pod-a-eth0"].append((ts, fr))
+                recs["pod-a-eth0"].append((ts, fr if d == 0 else hop(fr)))
                 if d == 0:
                     recs["node-a-istioout"].append((ts + 3 * US, geneve_frame(fr, 1001, 49152 + app.client_port % 16384)))
             for ts, d, fr in app.pod_b.frames():
-                recs["pod-b-eth0"].append((ts + offsets["node-b"], fr))
+                recs["pod-b-eth0"].append((ts + offsets["node-b"], hop(fr) if d == 0 else fr))
             truth_conns.append({
                 "client": f"{POD_A}:{app.client_port}", "original_dst": f"{SVC}:{SVC_PORT}",
                 "backend": f"{POD_B}:{APP_PORT}", "hbone_client": f"{ZT_A}:{hb.flow.ends[0][1]}",

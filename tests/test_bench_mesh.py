@@ -137,25 +137,44 @@ def test_keyless_ties_every_connection_without_a_ztunnel_capture(mesh_set):
         assert f["confidence"] >= 0.9, (c["client"], f["match_reason"])
 
 
-def test_without_a_manifest_every_flow_keeps_its_server_connection(mesh_set):
-    """No capture-point manifest: pod-b's capture shares no packet with any other capture (the node NICs see only
-    HBONE), so its clock cannot come from shared packets. Its server connections are still tied by content (the
-    decrypted request line and byte counts), every flow keeps all three hops with full confidence, and pod-b's clock
-    is bracketed by causality (each server connection opens between its CONNECT and the 200) around the true
-    offset."""
-    d = mesh_set.directory
-    a = hbonecap.analyze(str(d), keylog=str(mesh_set.keylog))
-    truth = mesh_set.truth
-    flows = a.flows
+def _flows_keep_their_server_connections(a, truth) -> None:
+    flows, hops = a.flows, a.hops
     assert len(flows) == len(truth["connections"])
-    hops = a.hops
     for c in truth["connections"]:
         f = flows[flows["client"] == c["client"]].iloc[0]
         assert (f["dst_pod"], f["match"], f["confidence"], f["hops"]) == (c["backend"], "exact", 1.0, 3), c["client"]
         last = hops[(hops["flow_id"] == f["flow_id"]) & (hops["hop_index"] == 2)]
         assert set(last["connection"]) == {f"{c['upstream']} > {c['backend']}"}, c["client"]
+
+
+def test_without_a_manifest_pods_are_placed_from_the_wire(mesh_set):
+    """No capture-point manifest, no Kubernetes inventory. Each pod capture's own address is the one whose packets
+    carry an initial TTL (its peer's were routed by the node); pod-b's capture shares no packet with another
+    capture, but its address is the server of HBONE connections that cross from node-a to node-b, so it is placed
+    on node-b and shares node-b's clock: every flow keeps its three hops with full confidence."""
+    d = mesh_set.directory
+    a = hbonecap.analyze(str(d), keylog=str(mesh_set.keylog))
+    truth = mesh_set.truth
+    _flows_keep_their_server_connections(a, truth)
     clock = a.clock.set_index("capture")
-    pod_b = clock.loc["pod-b-eth0.pcap"]
+    assert clock.loc["pod-b-eth0.pcap", "node"] == "node-b" and clock.loc["pod-a-eth0.pcap", "node"] == "node-a"
+    assert "crossed between nodes" in clock.loc["pod-b-eth0.pcap", "node_reason"]
+    assert abs(clock.loc["pod-b-eth0.pcap", "offset_ms"] - truth["clock_offsets_ns"]["node-b"] / 1e6) < 0.01
+    assert a.anomalies.empty
+
+
+def test_without_a_manifest_a_bridged_pod_gets_a_causal_clock(tmp_path):
+    """As above, but the pods' peers reach them over a bridge (TTL 64 both ways): nothing on the wire tells pod-b's
+    own address from its ztunnel's, so its capture gets no node and its clock no shared packet. Its server
+    connections are still tied by content (the decrypted request line and byte counts), every flow keeps all three
+    hops, and pod-b's clock is bracketed by causality (each server connection opens between its CONNECT and the
+    200) around the true offset."""
+    m = mesh.generate(tmp_path / "bridged", mb=4, seed=7, streams_per_connection=6, offset_us=2_100,
+                      largest=200_000, routed=False)
+    a = hbonecap.analyze(str(m.directory), keylog=str(m.keylog))
+    truth = m.truth
+    _flows_keep_their_server_connections(a, truth)
+    pod_b = a.clock.set_index("capture").loc["pod-b-eth0.pcap"]
     true_ms = truth["clock_offsets_ns"]["node-b"] / 1e6
     assert pod_b["via"] == "causal"
     assert abs(pod_b["offset_ms"] - true_ms) <= pod_b["uncertainty_ms"] + 1e-9

@@ -100,6 +100,16 @@ def tcp_where(legs: Legs, lconns, column: str, values) -> pd.DataFrame:
 
 
 OWNER_COLUMNS = ["capture", "ip", "n"]
+INITIAL_TTLS = (64, 128, 255)          # what Linux, Windows and network gear put in the packets they originate
+
+
+def sum_counts(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-part address counts added up per (capture, address)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=OWNER_COLUMNS)
+    f = pd.concat(frames, ignore_index=True)
+    return f.groupby(["capture", "ip"], sort=True).sum(numeric_only=True).reset_index()
 
 
 def _codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +140,23 @@ def _address_counts(pk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                                    "n": combos["count"].to_numpy(np.int64)[keep]}))
     ips = pd.concat(parts, ignore_index=True)
     counts = ips.groupby(["capture", "ip"])["n"].sum().rename("n").reset_index()
+    # packets each address sent with one IP header, and how many of them carry an initial TTL: at a host's own
+    # interface its packets have crossed no router yet, while its peers' usually have (a pod's eth0 sees the
+    # node-routed packets of the node's ztunnel with TTL 63): evidence of which address is the capture's own
+    sc, sn = _codes(pk["src"])
+    sel = ~tun & (sc >= 0)
+    counts["sent"] = 0
+    counts["initial_ttl"] = 0
+    if sel.any() and "ttl" in pk:
+        ttl = pk["ttl"].to_numpy(np.float64, na_value=-1)[sel]
+        sent = pd.DataFrame({"cap": cap[sel], "i": sc[sel], "init": np.isin(ttl, INITIAL_TTLS)}) \
+            .value_counts(sort=False).reset_index()
+        k = sent["count"].to_numpy(np.int64)
+        per = pd.DataFrame({"capture": cap_names[sent["cap"].to_numpy()], "ip": sn[sent["i"].to_numpy()], "sent": k,
+                            "initial_ttl": np.where(sent["init"].to_numpy(bool), k, 0)})
+        per = per.groupby(["capture", "ip"]).sum().reset_index()
+        counts = counts.drop(columns=["sent", "initial_ttl"]).merge(per, on=["capture", "ip"], how="left")
+        counts[["sent", "initial_ttl"]] = counts[["sent", "initial_ttl"]].fillna(0).astype(np.int64)
     gen = pk["vni"].isin([1000, 1001]).fillna(False).to_numpy(bool) & tun
     od = pd.DataFrame({"capture": cap_names[cap[gen]], "ip": pk["outer_dst"].astype(object).to_numpy(object)[gen]}
                       ).dropna() if gen.any() else pd.DataFrame({"capture": [], "ip": []})
@@ -145,7 +172,8 @@ def _nonempty_category(col: pd.Series) -> np.ndarray:
 
 
 def address_counts(packets) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per capture and address, how many packets carry it (outer addresses for tunnelled packets), and the same
+    """Per capture and address, how many packets carry it (outer addresses for tunnelled packets; `sent`: how many
+    it sent with one IP header, `initial_ttl`: how many of those with TTL 64/128/255), and the same
     for the outer destinations of Istio's Geneve packets (VNI 1000/1001): (counts, geneve_destinations)."""
     if not is_dask(packets):
         return _address_counts(packets)
@@ -153,12 +181,7 @@ def address_counts(packets) -> tuple[pd.DataFrame, pd.DataFrame]:
     from dask import delayed
 
     got = dask.compute(*[delayed(_address_counts)(d) for d in packets.to_delayed()])
-    out = []
-    for k in range(2):
-        frames = [g[k] for g in got if len(g[k])]
-        f = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OWNER_COLUMNS)
-        out.append(f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index() if len(f) else f)
-    return out[0], out[1]
+    return sum_counts([g[0] for g in got]), sum_counts([g[1] for g in got])
 
 
 DATAGRAM_COLUMNS = ["capture", "ts", "src", "dst", "proto", "ip_id", "sport", "dport", "payload_len", "icmp_type"]

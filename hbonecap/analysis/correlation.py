@@ -7,9 +7,11 @@ destination ztunnel to the server pod. `correlate(a)` ties them together from an
 
 1. TCP legs (`legs.py`): every capture's view of every TCP connection, whatever the encapsulation of each
    packet, tied across captures into logical connections (same endpoints, same initial sequence number).
-2. Capture points: each pod/ztunnel/waypoint capture's own address (the address in most of its packets); a
-   capture without a node is placed on the node whose ztunnel shares its pod subnet, else the node whose local
-   captures share its connections.
+2. Capture points: each pod/ztunnel/waypoint capture's own address (the address in most of its packets; of two
+   in as many, the one whose packets left with an initial TTL, not routed); a capture without a node is placed
+   on the node whose ztunnel shares its pod subnet, else the node whose local captures share its connections,
+   else (once node clocks are known) the node on whose side its address's connections cross the underlay
+   (`_place_by_direction`), its pod's other captures with it.
 3. Clock offsets (`clock.py`): one clock per node; offsets from packets seen at two nodes, both ways. A clock
    that shares no packet with the others (a pod capture without a node) is bracketed by causality after a
    first match: its server connections open between their stream's CONNECT and the 200 (`_causal_clocks`).
@@ -166,7 +168,11 @@ class _Correlator:
         self.node_reason = {c: ("capture point" if self.node[c] else "") for c in self.caps}
         self.owner = self._owner_ips()
         self._place_nodes()
+        before = len(self.anoms)
         self._clock()
+        if self._place_by_direction():      # new members of a node's clock group: estimate the clocks again
+            del self.anoms[before:]
+            self._clock()
         self.legs = self.L.legs.set_index("leg")
         self.leg_recs: dict[int, list[dict]] = defaultdict(list)
         for rec in self.L.legs.to_dict("records"):
@@ -197,7 +203,8 @@ class _Correlator:
             if self.role.get(cap) == "ztunnel":
                 owners[cap] = g.sort_values(["n", "ip"], ascending=[False, True], kind="stable")["ip"].iloc[0]
         # proxies first (their address is in nearly every packet), then pods: on a pod capture the peer is in
-        # as many packets as the pod itself, so near-ties go to the address that is not another point's and
+        # as many packets as the pod itself, so near-ties go to the address that is not another point's, whose
+        # packets left with an initial TTL (not routed: sent from this host; a peer's mostly arrive with less),
         # that shares the longest prefix with a proxy's (the node's pod subnet), not a Service address
         for kinds in (("ztunnel", "waypoint"), ("pod", "loopback")):
             anchors = [ipaddress.ip_address(v) for v in owners.values() if _is_ip(v)]
@@ -215,7 +222,15 @@ class _Correlator:
                     return max((x.max_prefixlen - (int(x) ^ int(y)).bit_length() for y in anchors
                                 if y.version == x.version), default=0)
 
-                cands.sort(key=lambda ip: (-closeness(ip), -int(g.loc[g["ip"] == ip, "n"].iloc[0])))
+                def routed(ip: str) -> bool:
+                    """Most of its packets here crossed a router (TTL below every initial value)."""
+                    row = g.loc[g["ip"] == ip]
+                    if "sent" not in row or not len(row):
+                        return False
+                    sent, initial = int(row["sent"].iloc[0]), int(row["initial_ttl"].iloc[0])
+                    return sent > 0 and initial < sent / 2
+
+                cands.sort(key=lambda ip: (routed(ip), -closeness(ip), -int(g.loc[g["ip"] == ip, "n"].iloc[0])))
                 owners[cap] = cands[0]
         return owners
 
@@ -265,6 +280,54 @@ class _Correlator:
                 if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
                     self.node[c] = ranked[0][0]
                     self.node_reason[c] = f"shares {ranked[0][1]} connection(s) with local captures of {ranked[0][0]}"
+
+    def _place_by_direction(self) -> bool:
+        """Place a capture still without a node by its own address and the underlay: connections seen at two
+        nodes' captures travel one way first (the clock pair's orientation: client-to-server packets reach the
+        second node one link delay after the first, whatever the offset), so an address that is the server of
+        connections going from node X to node Y lives on Y's side, a client on X's. Two thirds of the votes
+        needed. Loopback captures do not vote (their peers' addresses may be spoofed: era C delivers with the
+        client's source) but follow a capture of the same pod (pod-b-lo with pod-b-eth0). True if some capture was
+        placed."""
+        nodes = {n for n in self.node.values() if n}
+        unplaced: dict[str, list[str]] = defaultdict(list)
+        for c in self.caps:
+            if not self.node[c] and c in self.owner and self.role.get(c) in ("pod", "ztunnel", "waypoint"):
+                unplaced[self.owner[c]].append(c)
+        if not unplaced or len(nodes) < 2:
+            return False
+        lc = self.L.lconns
+        ends = {int(l): (ci, si) for l, ci, si in zip(lc["lconn"], lc["client_ip"], lc["server_ip"])}
+        votes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        seen_by: dict[tuple[str, str], tuple[str, str]] = {}
+        for p in self.pairs:
+            if p.a not in nodes or p.b not in nodes or p.inconsistent:
+                continue
+            for l, fwd in p.forward.items():       # fwd: the direction whose packets travel from a to b
+                if l not in ends:
+                    continue
+                ci, si = ends[l]
+                for ip, side in ((ci, p.a if fwd == 0 else p.b), (si, p.b if fwd == 0 else p.a)):
+                    if ip in unplaced:
+                        votes[ip][side] += 1
+                        seen_by[(ip, side)] = p.captures
+        placed = False
+        for ip, v in votes.items():
+            node, n = max(v.items(), key=lambda kv: (kv[1], kv[0]))
+            if 3 * n < 2 * sum(v.values()):
+                continue
+            ca, cb = seen_by[(ip, node)]
+            for c in unplaced[ip]:
+                self.node[c] = node
+                self.node_reason[c] = (f"address {ip} is on {node}'s side of {n} connection(s) that crossed "
+                                       f"between nodes ({ca}, {cb})")
+                placed = True
+                host = self._host_group(c)
+                for x in self.caps:
+                    if not self.node[x] and x != c and host != c and self._host_group(x) == host:
+                        self.node[x] = node
+                        self.node_reason[x] = f"one pod with {c} (placed on {node})"
+        return placed
 
     # --- clocks ------------------------------------------------------------------------------------------------
     def _clock(self) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hbonecap.analysis.cluster import (DATAGRAM_COLUMNS, OWNER_COLUMNS, _address_counts, address_counts,
-                                       datagram_rows, is_dask, legs_on_cluster)
+from hbonecap.analysis.cluster import (DATAGRAM_COLUMNS, _address_counts, address_counts, datagram_rows, is_dask,
+                                       legs_on_cluster, sum_counts)
 from hbonecap.analysis.legs import CaptureLegs, Legs, build_legs, capture_legs, legs_of_parts, tcp_rows
 
 
@@ -26,7 +26,8 @@ class CaptureInputs:
     """Correlation's inputs from one capture (picklable; a few dozen bytes per TCP packet, see `legs`).
 
     legs: `capture_legs` of the capture's TCP packets.
-    counts, geneve_dst: `cluster.address_counts` of the capture (rows capture, ip, n).
+    counts, geneve_dst: `cluster.address_counts` of the capture (rows capture, ip, n; counts also sent and
+        initial_ttl).
     datagrams: `cluster.datagram_rows` of the capture.
     groups: `k8s.placement.address_groups` of the capture (capture, addresses, packets)."""
 
@@ -123,18 +124,11 @@ class InputsBuilder:
 
     def inputs(self, tcp: pd.DataFrame) -> CaptureInputs:
         """The capture's `CaptureInputs`, from the parts added and `tcp()`'s table."""
-        def summed(frames: list[pd.DataFrame]) -> pd.DataFrame:
-            frames = [f for f in frames if len(f)]
-            if not frames:
-                return pd.DataFrame(columns=OWNER_COLUMNS)
-            f = pd.concat(frames, ignore_index=True)
-            return f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index()
-
         dg = pd.concat(self._datagrams, ignore_index=True) if self._datagrams else \
             pd.DataFrame({c: pd.Series([], dtype=object) for c in DATAGRAM_COLUMNS})
         groups = pd.DataFrame([(c, a, n) for (c, a), n in self._groups.items()],
                               columns=["capture", "addresses", "packets"])
-        return CaptureInputs(capture_legs(tcp_rows(tcp)), summed(self._counts), summed(self._od), dg, groups)
+        return CaptureInputs(capture_legs(tcp_rows(tcp)), sum_counts(self._counts), sum_counts(self._od), dg, groups)
 
 
 def _complete(a) -> dict[str, CaptureInputs] | None:
@@ -166,15 +160,7 @@ def correlation_address_counts(a) -> tuple[pd.DataFrame, pd.DataFrame]:
     inputs = _complete(a)
     if inputs is None:
         return address_counts(a.packets)
-    out = []
-    for k in ("counts", "geneve_dst"):
-        frames = [getattr(x, k) for x in inputs.values() if len(getattr(x, k))]
-        if not frames:
-            out.append(pd.DataFrame(columns=OWNER_COLUMNS))
-            continue
-        f = pd.concat(frames, ignore_index=True)
-        out.append(f.groupby(["capture", "ip"], sort=True)["n"].sum().reset_index())
-    return out[0], out[1]
+    return (sum_counts([x.counts for x in inputs.values()]), sum_counts([x.geneve_dst for x in inputs.values()]))
 
 
 def correlation_datagrams(a) -> pd.DataFrame:

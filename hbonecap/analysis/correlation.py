@@ -230,8 +230,17 @@ class _Correlator:
                     sent, initial = int(row["sent"].iloc[0]), int(row["initial_ttl"].iloc[0])
                     return sent > 0 and initial < sent / 2
 
-                cands.sort(key=lambda ip: (routed(ip), -closeness(ip), -int(g.loc[g["ip"] == ip, "n"].iloc[0])))
+                def evidence(ip: str) -> tuple:
+                    return routed(ip), -closeness(ip)
+
+                cands.sort(key=lambda ip: evidence(ip) + (-int(g.loc[g["ip"] == ip, "n"].iloc[0]),))
                 owners[cap] = cands[0]
+                tied = [ip for ip in cands[1:] if evidence(ip) == evidence(cands[0])]
+                if tied and self.role.get(cap) != "loopback":
+                    self._anom(cap, "capture_owner_ambiguous",
+                               f"{cap}: its own address is {cands[0]} or {', '.join(tied)} (each in about as many "
+                               f"packets; no TTL or subnet evidence tells them apart): took {cands[0]}; a capture-point "
+                               f"manifest (-m) still gives the capture its node and clock")
         return owners
 
     def _place_nodes(self) -> None:

@@ -72,12 +72,20 @@ class CaptureResult:
     secrets: int = 0
     streams_detail: object = field(default=None, repr=False)   # StreamResults (tunnel bytes, record timelines)
     inputs: object = field(default=None, repr=False)           # analysis.inputs.CaptureInputs (correlation's)
+    decode_anomalies: object = field(default=None, repr=False)  # the decoder's rows (to redo the stream tables)
+
+    def add_shares(self, others: list) -> None:
+        """Merge the `StreamResults` of the other shares of this capture (`stream_share`) into this one's (share 0)
+        and derive the stream tables again."""
+        from hbonecap.streams.analyzer import merge_shares
+
+        _stream_tables(self, merge_shares([self.streams_detail] + list(others)))
 
 
 def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
                     name: str | None = None, keylog=None, streams: bool = True,
                     embedded_keys: bool = True, inputs: bool = False, packets=True,
-                    tunnel_bytes: bool = True) -> CaptureResult:
+                    tunnel_bytes: bool = True, share: tuple[int, int] | None = None) -> CaptureResult:
     """Decode one capture point (a file, or its rotated files in order) and derive its per-capture tables.
     Raises CaptureError for a file that is not a capture.
 
@@ -88,32 +96,13 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
     packets: True to return the packets table; False to leave it out (an empty table); a directory to write it
     there as this capture's partition of a Parquet dataset (`DIR/capture=NAME/`) and leave it out.
     tunnel_bytes: keep the CONNECT streams' tunnelled bytes (for `Analysis.unwrap`; up to 256 MB per capture).
+    share: (0, n): the stream stages analyse only share 0 of n of the TCP connections; `stream_share` gives the
+    other shares' results and `CaptureResult.add_shares` merges them (one big capture on several cores).
     """
-    import copy
-
     from hbonecap.analysis.connections import connections
-    from hbonecap.layers.segments import tcp_runs_of_batch
-    from hbonecap.streams.analyzer import StreamAnalyzer
 
-    analyzer = None
-    if streams:
-        kl = None
-        if keylog is not None:
-            kl = copy.deepcopy(keylog)
-            kl.anomalies = []      # reported once for the whole analysis, not per capture
-        analyzer = StreamAnalyzer(kl, config, tunnel_bytes=tunnel_bytes)
-    used_secrets = 0
-
-    def feed(reader, batch, ctx) -> None:
-        nonlocal used_secrets
-        found = getattr(reader.walker, "secrets", []) if embedded_keys else ()
-        while used_secrets < len(found):
-            analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
-            used_secrets += 1
-        for item in tcp_runs_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
-            analyzer.feed_any(item)     # a TcpSegment, or a TcpRun of contiguous segments taken at once
-
-    on_batch = feed if analyzer is not None else None
+    analyzer, on_batch = _stream_feed(config, name, keylog, embedded_keys, tunnel_bytes, share) if streams \
+        else (None, None)
     if packets is True:
         dec = decode_capture(path, config, name=name, on_batch=on_batch)
         info, pk, decode_anomalies = dec.info, dec.packets, dec.anomalies
@@ -142,11 +131,6 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         last_ts = b.last_ts if b.last_ts is not None else pd.NaT
         vnis, ports = b.vnis, b.ports
     detail = analyzer.close() if analyzer is not None else None
-    tun = detail.frame("tunnels") if detail else tables.empty("tunnels")
-    strm = detail.frame("streams") if detail else tables.empty("streams")
-    reqs = detail.frame("requests") if detail else tables.empty("requests")
-    anomalies = tables.concat("anomalies", [decode_anomalies, detail.frame("anomalies") if detail else None])
-    tun, reqs = _link_connections(conns, tun, reqs)
     link_types = sorted({LINKTYPE_NAMES.get(i.link_type, f"linktype:{i.link_type}") for i in info.interfaces})
     ifnames = [i.name for i in info.interfaces if i.name]
     if point is None:
@@ -156,11 +140,79 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
         "interfaces": [",".join(ifnames)], "packets": [n_packets], "bytes": [n_bytes],
         "first_ts": [first_ts], "last_ts": [last_ts],
         "snaplen": [max((i.snaplen for i in info.interfaces), default=0)],
-        "comment": [redact_secrets(" | ".join(info.comments))], "secrets": [len(info.secrets)], "anomalies": [len(anomalies)],
+        "comment": [redact_secrets(" | ".join(info.comments))], "secrets": [len(info.secrets)], "anomalies": [0],
         "role": [point.role], "node": [point.node], "role_reason": [point.reason],
     }
     captures = tables.frame("captures", row)
-    return CaptureResult(captures, pk, conns, anomalies, tun, strm, reqs, len(info.secrets), detail, found)
+    res = CaptureResult(captures, pk, conns, None, None, None, None, len(info.secrets), detail, found,
+                        decode_anomalies)
+    _stream_tables(res, detail)
+    return res
+
+
+def _stream_tables(res: CaptureResult, detail) -> None:
+    """The stream tables of a capture from its `StreamResults` (None: no stream stages), its anomalies (the
+    decoder's and the stages') and their count in the captures row."""
+    res.streams_detail = detail
+    tun = detail.frame("tunnels") if detail else tables.empty("tunnels")
+    strm = detail.frame("streams") if detail else tables.empty("streams")
+    reqs = detail.frame("requests") if detail else tables.empty("requests")
+    res.anomalies = tables.concat("anomalies", [res.decode_anomalies, detail.frame("anomalies") if detail else None])
+    res.tunnels, res.requests = _link_connections(res.connections, tun, reqs)
+    res.streams = strm
+    res.captures["anomalies"] = pd.array([len(res.anomalies)], dtype=res.captures["anomalies"].dtype)
+
+
+def _stream_feed(config, name, keylog, embedded_keys: bool, tunnel_bytes: bool, share):
+    """A `StreamAnalyzer` (for a share of the connections, if given) and the batch callback that feeds it."""
+    import copy
+
+    from hbonecap.layers.segments import tcp_runs_of_batch
+    from hbonecap.streams.analyzer import StreamAnalyzer
+
+    kl = None
+    if keylog is not None:
+        kl = copy.deepcopy(keylog)
+        kl.anomalies = []      # reported once for the whole analysis, not per capture
+    analyzer = StreamAnalyzer(kl, config, tunnel_bytes=tunnel_bytes, share=share)
+    used_secrets = 0
+
+    def feed(reader, batch, ctx) -> None:
+        nonlocal used_secrets
+        found = getattr(reader.walker, "secrets", []) if embedded_keys else ()
+        while used_secrets < len(found):
+            analyzer.add_secrets(found[used_secrets], name=f"{reader.info.name}#secrets{used_secrets + 1}")
+            used_secrets += 1
+        for item in tcp_runs_of_batch(name or reader.info.name, batch, ctx, index_offset=reader.index_offset):
+            analyzer.feed_any(item)     # a TcpSegment, or a TcpRun of contiguous segments taken at once
+
+    return analyzer, feed
+
+
+def stream_share(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None, keylog=None,
+                 embedded_keys: bool = True, tunnel_bytes: bool = True, share: tuple[int, int] = (1, 2)):
+    """The stream stages of one capture point for share k of n of its TCP connections (`StreamAnalyzer(share=)`):
+    every packet is decoded (each share follows every connection's lifetime) but no table is built. Returns the
+    share's `StreamResults`, for `CaptureResult.add_shares` of share 0's result."""
+    from hbonecap.capture.reader import CaptureReader
+    from hbonecap.decode import _slice
+    from hbonecap.layers.unwrap import decode_batch
+
+    analyzer, feed = _stream_feed(config, name, keylog, embedded_keys, tunnel_bytes, share)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    offset = last = 0
+    for p in paths:
+        reader = CaptureReader(p, config, name=name)
+        reader.index_offset = offset       # frame numbers continue across rotated files (as PacketColumns)
+        for batch in reader:
+            link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
+            for lo in range(0, len(batch), config.batch_packets):
+                part = _slice(batch, lo, lo + config.batch_packets)
+                if len(part):
+                    feed(reader, part, decode_batch(part, link_types, config))
+                    last = max(last, int(part.frame_numbers()[-1]) + offset)
+        offset = last
+    return analyzer.close()
 
 
 def _decode_lean(path, config: DecodeConfig, name: str | None, on_batch, out: Path | None):
@@ -564,12 +616,21 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     remote_packets = None
     if scheduler is not None:
         outcomes, remote_packets = _run_dask(scheduler, args, labels, progress, keep_packets=engine == "dask")
-    elif (jobs := (os.cpu_count() or 1) if jobs is None else max(1, jobs)) > 1 and len(args) > 1:
+    elif (jobs := (os.cpu_count() or 1) if jobs is None else max(1, jobs)) > 1 and \
+            (len(args) > 1 or (streams and _share_counts(groups, jobs)[0] > 1)):
+        # one process per capture point; with fewer points than jobs, the biggest points' stream stages are split
+        # by connection over several processes (each decodes the whole capture; share 0 also builds its tables)
+        shares = _share_counts(groups, jobs) if streams else [1] * len(args)
         outcomes = []
-        with ProcessPoolExecutor(max_workers=min(jobs, len(args))) as ex:
-            futures = [ex.submit(_safe_analyze, *x) for x in args]
-            for i, fut in enumerate(futures):
-                outcomes.append(fut.result())
+        with ProcessPoolExecutor(max_workers=min(jobs, sum(shares))) as ex:
+            futures = [(ex.submit(_safe_analyze, *x, (0, n) if n > 1 else None),
+                        [ex.submit(_safe_share, x, (k, n)) for k in range(1, n)]) for x, n in zip(args, shares)]
+            for i, (main, extra) in enumerate(futures):
+                res, err = main.result()
+                others = [f.result() for f in extra]
+                if res is not None and others:
+                    res.add_shares(others)
+                outcomes.append((res, err))
                 if progress:
                     progress(labels[i], i + 1, len(args))
     else:
@@ -711,12 +772,48 @@ def _unique_names(files: list[str]) -> dict[str, str]:
 
 
 def _safe_analyze(path, config, point, name, keylog, streams, embedded_keys=True, inputs=False, packets=True,
-                  tunnel_bytes=True):
+                  tunnel_bytes=True, share=None):
     try:
         return analyze_capture(path, config, point, name, keylog, streams, embedded_keys, inputs, packets,
-                               tunnel_bytes), None
+                               tunnel_bytes, share), None
     except CaptureError as e:
         return None, e
+
+
+def _safe_share(args: tuple, share: tuple[int, int]):
+    """`stream_share` for the arguments of a `_safe_analyze` task; None if the capture cannot be read (share 0's
+    task reports that)."""
+    path, config, _point, name, keylog, _streams, embedded_keys, _inputs, _packets, tunnel_bytes = args
+    try:
+        return stream_share(path, config, name, keylog, embedded_keys, tunnel_bytes, share)
+    except CaptureError:
+        return None
+
+
+MIN_SHARE_BYTES = 64 << 20     # a capture point's stream stages are split only into shares of at least this size
+
+
+def _share_counts(groups: list[tuple[str, list[str]]], jobs: int) -> list[int]:
+    """How many processes analyse each capture point's stream stages: one each, and while there are fewer
+    points than jobs, one more for the point with the most bytes per process (shares of at least
+    MIN_SHARE_BYTES: each process decodes the whole capture)."""
+    def size(members) -> int:
+        total = 0
+        for m in members:
+            try:
+                total += os.path.getsize(m)
+            except OSError:
+                pass
+        return total
+
+    sizes = [size(members) for _, members in groups]
+    counts = [1] * len(groups)
+    for _ in range(max(0, jobs - len(groups))):
+        i = max(range(len(groups)), key=lambda k: sizes[k] / counts[k], default=None)
+        if i is None or sizes[i] / (counts[i] + 1) < MIN_SHARE_BYTES:
+            break
+        counts[i] += 1
+    return counts
 
 
 def _collect(res, err, results, errors, on_error):

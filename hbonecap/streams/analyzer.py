@@ -25,6 +25,11 @@ for, the decrypted TLS plaintext (`plaintext[tunnel_id]`).
 Ids: connections are numbered from 0 in order of their first segment (``conn_id``); a tunnel's id is ``c<conn_id>``
 for a TLS/h2c connection, ``<tunnel_id>/s<stream_id>`` for a tunnel inside a CONNECT stream (double HBONE).
 
+Shares (one capture on several cores): n analyzers fed the same segments, `StreamAnalyzer(share=(k, n))`, each
+follow every connection's lifetime (so ids, idle flushes and row steps agree) and run the stacks only for the
+connections `share_of` gives them; `merge_shares` orders their rows by the step (segment or connection finished)
+that emitted them, which is one analyzer's order.
+
 Times: TCP bytes carry the capture time of the segment that brought them; decrypted bytes carry the time of the
 last byte of their TLS record (when a receiver could first read them); HTTP/2 events the time of their frame's
 last byte. `TimedBytes.marks` keep these as ``(offset, ts_ns)`` ranges, never one time per byte.
@@ -32,6 +37,7 @@ last byte. `TimedBytes.marks` keep these as ``(offset, ts_ns)`` ranges, never on
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_CONFIG, HBONE_PORT
@@ -133,6 +139,7 @@ class StreamResults:
     http2_headers: list[dict] = field(default_factory=list)
     plaintext: dict[str, tuple[TimedBytes, TimedBytes]] = field(default_factory=dict)
     kept_tunnel_bytes: bool = True      # False: tunnel_bytes was not kept (StreamAnalyzer(tunnel_bytes=False))
+    order: dict | None = None           # a share's emission steps (`merge_shares`); None for a whole capture
 
     def frame(self, name: str):
         """One of the tables as a DataFrame with the declared dtypes."""
@@ -143,11 +150,54 @@ class StreamResults:
         return frame(name, {c: [r.get(c) for r in rows] for c in cols} if rows else {})
 
 
+ROW_LISTS = ("tunnels", "streams", "requests", "anomalies", "http2_headers")
+KEYED = ("tunnel_bytes", "records", "plaintext")
+
+
+class _Rows(list):
+    """A results list that notes, per row, the analyzer step it was emitted at and whether it belongs to no
+    connection (then every share emits it: the first share's copy is kept)."""
+
+    def __init__(self, ctx: "_Ctx") -> None:
+        super().__init__()
+        self.ctx, self.steps, self.shared = ctx, [], []
+
+    def append(self, row) -> None:
+        self.steps.append(self.ctx.step)
+        self.shared.append(self.ctx.conn_id is None)
+        super().append(row)
+
+
+class _Keyed(dict):
+    """A results dict that notes the step each key was first set at."""
+
+    def __init__(self, ctx: "_Ctx") -> None:
+        super().__init__()
+        self.ctx, self.steps = ctx, {}
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self:
+            self.steps[key] = self.ctx.step
+        super().__setitem__(key, value)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
 class _Ctx:
     """What every stack of one analyzer shares."""
 
-    def __init__(self, keylog: KeyLog | None, keep_plaintext: bool, config, tunnel_bytes: bool = True) -> None:
+    def __init__(self, keylog: KeyLog | None, keep_plaintext: bool, config, tunnel_bytes: bool = True,
+                 ordered: bool = False) -> None:
         self.results = StreamResults()
+        self.step = 0                       # advanced per segment and per connection finished (`merge_shares`)
+        if ordered:
+            for name in ROW_LISTS:
+                setattr(self.results, name, _Rows(self))
+            for name in KEYED:
+                setattr(self.results, name, _Keyed(self))
         self.keylog = keylog
         self.keep_plaintext = keep_plaintext
         self.tunnel_bytes = tunnel_bytes
@@ -189,7 +239,7 @@ class _Ctx:
 
 class _Conn:
     __slots__ = ("key", "conn_id", "capture", "encap", "client", "server", "reasm", "stack", "first_ts", "last_ts",
-                 "bytes", "syn_isn", "ended", "midstream", "last_index", "closed")
+                 "bytes", "syn_isn", "ended", "midstream", "last_index", "closed", "foreign")
 
     def __init__(self, key, conn_id: int, capture: str, encap: str, client, server, midstream: bool) -> None:
         self.key, self.conn_id, self.capture, self.encap = key, conn_id, capture, encap
@@ -203,6 +253,29 @@ class _Conn:
         self.midstream = midstream
         self.last_index = 0
         self.closed = False
+        self.foreign = False      # another share's: only its lifetime is followed here
+
+
+class _Foreign:
+    """The stack of a connection another share analyses: nothing to look at (the opaque paths count its bytes)."""
+
+    state = "opaque"
+
+    def close(self, last_ts) -> None:
+        pass
+
+
+FOREIGN = _Foreign()
+
+
+SHARE0_WEIGHT = 0.25      # share 0 also builds the capture's tables: it takes a quarter of another share's load
+
+
+def share_of(key: tuple, shares: int) -> int:
+    """Which of `shares` analyses a connection: a hash of its key without the capture name (stable across
+    processes) cut into share 0's smaller slice (`SHARE0_WEIGHT`) and equal slices for the others."""
+    h = zlib.crc32(repr(key[1:]).encode()) / 2 ** 32 * (SHARE0_WEIGHT + shares - 1)
+    return 0 if h < SHARE0_WEIGHT else min(shares - 1, 1 + int(h - SHARE0_WEIGHT))
 
 
 def _addr(ip: str, port: int) -> str:
@@ -657,10 +730,15 @@ class StreamAnalyzer:
     """
 
     def __init__(self, keylog: KeyLog | None = None, config=DEFAULT_CONFIG, keep_plaintext: bool = False,
-                 tunnel_bytes: bool = True) -> None:
+                 tunnel_bytes: bool = True, share: tuple[int, int] | None = None) -> None:
         """tunnel_bytes: keep the tunnelled bytes of CONNECT streams (`StreamResults.tunnel_bytes`, within
-        TUNNEL_BYTES_CAP/TOTAL) for export; False keeps none (the stages still see them all)."""
-        self.ctx = _Ctx(keylog, keep_plaintext, config, tunnel_bytes)
+        TUNNEL_BYTES_CAP/TOTAL) for export; False keeps none (the stages still see them all).
+        share: (k, n) to analyse only the connections `share_of` gives to k of n analyzers fed the same segments
+        (each follows every connection's lifetime, so ids agree); `merge_shares` of the n results is the result of
+        one analyzer, up to the global budgets (TIMELINE_TOTAL, TUNNEL_BYTES_TOTAL, MAX_HEADER_LOG), which then
+        apply per share."""
+        self.share = share if share is not None and share[1] > 1 else None
+        self.ctx = _Ctx(keylog, keep_plaintext, config, tunnel_bytes, ordered=self.share is not None)
         self.conns: dict[tuple, _Conn] = {}
         self.next_conn_id = 0
         self.segments = 0
@@ -677,6 +755,7 @@ class StreamAnalyzer:
         if self.ctx.keylog is None:
             self.ctx.keylog = KeyLog(name)
         saved, self.ctx.conn_id = self.ctx.conn_id, None
+        self.ctx.step += 1
         for a in self.ctx.keylog.add(text, name):
             self.ctx.anomaly(a)
         self.ctx.conn_id = saved
@@ -695,7 +774,11 @@ class StreamAnalyzer:
         c = _Conn(key, self.next_conn_id, seg.capture, seg.encap, client, server, midstream)
         self.next_conn_id += 1
         c.first_ts = seg.ts_ns
-        c.stack = _Stack(self.ctx, c, f"c{c.conn_id}", 0, midstream, server_port=server[1])
+        if self.share is not None and share_of(key, self.share[1]) != self.share[0]:
+            c.foreign = True
+            c.stack = FOREIGN
+        else:
+            c.stack = _Stack(self.ctx, c, f"c{c.conn_id}", 0, midstream, server_port=server[1])
         if len(self.conns) >= MAX_CONNECTIONS:
             oldest = min(self.conns.values(), key=lambda x: x.last_ts)
             self._finish(oldest)
@@ -706,6 +789,7 @@ class StreamAnalyzer:
         ctx = self.ctx
         ctx.capture = seg.capture
         ctx.index = seg.index
+        ctx.step += 1
         flags = seg.flags
         last = self._last
         if last is not None and not flags & SYN and last[0] == seg.sport and last[1] == seg.dport and \
@@ -715,12 +799,18 @@ class StreamAnalyzer:
             ctx.conn_id = c.conn_id
             if c.closed:
                 self._last = None
-            elif c.stack.state == "opaque" and not flags & (FIN | RST):
+            elif c.stack.state == "opaque" and (not flags & (FIN | RST) or c.foreign):
                 # nothing will look at these bytes: count them, skip reassembly
                 c.last_ts = seg.ts_ns
                 c.last_index = seg.index
                 c.bytes[d] += seg.payload_len
+                if flags & (FIN | RST):
+                    c.ended[d] = True
+                    if flags & RST:
+                        c.ended[1 - d] = True
                 self.segments += 1
+                if self.segments % FLUSH_EVERY == 0:
+                    self._flush(seg.ts_ns)
                 return
             else:
                 c.last_ts = seg.ts_ns
@@ -765,7 +855,7 @@ class StreamAnalyzer:
         c.last_ts = seg.ts_ns
         c.last_index = seg.index
         c.bytes[d] += seg.payload_len
-        if c.stack.state != "opaque" or flags & (FIN | RST):
+        if (c.stack.state != "opaque" or flags & (FIN | RST)) and not c.foreign:
             for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index):
                 self._dispatch(c, e)
         if flags & (FIN | RST):
@@ -811,6 +901,7 @@ class StreamAnalyzer:
             lo, hi = run.ends[i - 1], run.ends[j - 1]
             ts, index = run.ts[j - 1], run.index[j - 1]
             self.ctx.index = index
+            self.ctx.step += j - i          # one step per segment, however they are delivered
             c.last_ts, c.last_index = ts, index
             c.bytes[d] += hi - lo
             if not opaque:
@@ -836,7 +927,7 @@ class StreamAnalyzer:
                 else:
                     c.stack.data(d, Timed(data, tuple(marks)))
             self.segments += j - i
-            if self.segments % FLUSH_EVERY == 0 and not opaque:     # (the per-segment path skips it when opaque)
+            if self.segments % FLUSH_EVERY == 0:
                 self._flush(ts)
             i = j
             if c.closed:
@@ -861,13 +952,16 @@ class StreamAnalyzer:
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
         ctx = self.ctx
-        saved = ctx.index, ctx.conn_id
-        ctx.index, ctx.conn_id = c.last_index, c.conn_id
-        for e in c.reasm.close():
-            self._dispatch(c, e)
-        c.stack.close(c.last_ts)
-        ctx.conn_done(c.conn_id)
-        ctx.index, ctx.conn_id = saved
+        ctx.step += 1
+        if not c.foreign:
+            saved = ctx.index, ctx.conn_id
+            ctx.index, ctx.conn_id = c.last_index, c.conn_id
+            for e in c.reasm.close():
+                self._dispatch(c, e)
+            c.stack.close(c.last_ts)
+            ctx.conn_done(c.conn_id)
+            ctx.index, ctx.conn_id = saved
+        ctx.step += 1
 
     def _flush(self, now: int) -> None:
         for c in list(self.conns.values()):
@@ -876,8 +970,44 @@ class StreamAnalyzer:
                 self._finish(c)
 
     def close(self) -> StreamResults:
+        r = self.ctx.results
         if not self.closed:
             self.closed = True
             for c in sorted(self.conns.values(), key=lambda x: x.conn_id):
                 self._finish(c)
-        return self.ctx.results
+            if self.share is not None:       # plain lists and dicts again, the steps kept beside them
+                r.order = {"share": self.share}
+                for name in ROW_LISTS:
+                    rows = getattr(r, name)
+                    r.order[name] = (rows.steps, rows.shared)
+                    setattr(r, name, list(rows))
+                for name in KEYED:
+                    d = getattr(r, name)
+                    r.order[name] = d.steps
+                    setattr(r, name, dict(d))
+        return r
+
+
+def merge_shares(parts: list[StreamResults]) -> StreamResults:
+    """The results of the analyzers of every share of one capture (`StreamAnalyzer(share=(k, n))` for k < n, fed
+    the same segments) as one analyzer would have given them: rows and keys in the order of the steps they were
+    emitted at (one connection per step, so one share per step); rows of no connection from share 0 only."""
+    parts = sorted(parts, key=lambda r: r.order["share"][0] if r.order else 0)
+    out = StreamResults(kept_tunnel_bytes=parts[0].kept_tunnel_bytes)
+    for name in ROW_LISTS:
+        keyed = []
+        for k, r in enumerate(parts):
+            steps, shared = r.order[name] if r.order else ([0] * len(getattr(r, name)), [True] * len(getattr(r, name)))
+            keyed += [(st, k, i, row) for i, (row, st, sh) in enumerate(zip(getattr(r, name), steps, shared))
+                      if k == 0 or not sh]
+        keyed.sort(key=lambda x: x[:3])
+        setattr(out, name, [x[3] for x in keyed])
+    for name in KEYED:
+        keyed = []
+        for k, r in enumerate(parts):
+            d = getattr(r, name)
+            steps = r.order[name] if r.order else {}
+            keyed += [(steps.get(key, 0), k, i, key, v) for i, (key, v) in enumerate(d.items())]
+        keyed.sort(key=lambda x: x[:3])
+        setattr(out, name, {x[3]: x[4] for x in keyed})
+    return out

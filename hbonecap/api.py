@@ -629,7 +629,10 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
                 res, err = main.result()
                 others = [f.result() for f in extra]
                 if res is not None and others:
-                    res.add_shares(others)
+                    if any(o is None for o in others):     # a share could not read what share 0 read: redo whole
+                        res, err = _safe_analyze(*args[i])
+                    else:
+                        res.add_shares(others)
                 outcomes.append((res, err))
                 if progress:
                     progress(labels[i], i + 1, len(args))

@@ -31,6 +31,9 @@ class CaptureError(HbonecapError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self):          # picklable: it travels back from worker processes
+        return type(self), (self.path, self.reason)
+
 
 class KeylogError(HbonecapError):
     """A TLS key log cannot be used at all."""
@@ -39,6 +42,9 @@ class KeylogError(HbonecapError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+    def __reduce__(self):          # picklable: it travels back from worker processes
+        return type(self), (self.path, self.reason)
 
 
 class ManifestError(HbonecapError):

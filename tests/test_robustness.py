@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -142,3 +143,29 @@ def test_truncated_conformance_captures(tmp_path, frac, which):
     if src.suffix == ".gz":
         data = gzip.decompress(data)
     _decode_bytes(tmp_path, data[: int(len(data) * frac)], "cut" + src.suffix.replace(".gz", ".pcapng"))
+
+
+def test_unreadable_files_in_worker_processes_are_reported(tmp_path, monkeypatch):
+    """Files that are not captures, analysed by worker processes (two points, and one point split into stream
+    shares): each becomes a capture_unreadable row with its reason (the error crosses the process boundary), the
+    readable capture beside them is analysed."""
+    import os
+    import shutil
+
+    import hbonecap
+    from hbonecap import api
+
+    for name in ("a.pcap", "b.pcap"):
+        (tmp_path / name).write_bytes(os.urandom(1 << 16))
+    good = tmp_path / "good.pcap"
+    shutil.copy(Path(__file__).resolve().parents[1] / "samples" / "sequential" / "node-a-eth0.pcap", good)
+    a = hbonecap.analyze([str(tmp_path / "a.pcap"), str(tmp_path / "b.pcap"), str(good)], jobs=2, on_error="skip")
+    bad = a.anomalies[a.anomalies["kind"].astype(str) == "capture_unreadable"]
+    assert sorted(bad["capture"].astype(str)) == ["a.pcap", "b.pcap"]
+    assert bad["detail"].str.contains("not a pcap or pcapng").all()
+    assert list(a.captures["capture"].astype(str)) == ["good.pcap"] and len(a.connections) > 0
+    monkeypatch.setattr(api, "MIN_SHARE_BYTES", 1 << 10)
+    a = hbonecap.analyze(str(tmp_path / "a.pcap"), jobs=2, on_error="skip")
+    assert list(a.anomalies["kind"].astype(str)) == ["capture_unreadable"]
+    with pytest.raises(CaptureError):
+        hbonecap.analyze(str(tmp_path / "b.pcap"), jobs=2)

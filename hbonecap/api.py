@@ -75,11 +75,11 @@ class CaptureResult:
     decode_anomalies: object = field(default=None, repr=False)  # the decoder's rows (to redo the stream tables)
 
     def add_shares(self, others: list) -> None:
-        """Merge the `StreamResults` of the other shares of this capture (`stream_share`) into this one's (share 0)
-        and derive the stream tables again."""
+        """Merge the `StreamResults` of the shares of this capture's connections (`stream_share`) with this
+        result's own (none when it was analysed with streams=False) and derive the stream tables again."""
         from hbonecap.streams.analyzer import merge_shares
 
-        _stream_tables(self, merge_shares([self.streams_detail] + list(others)))
+        _stream_tables(self, merge_shares([p for p in [self.streams_detail] + list(others) if p is not None]))
 
 
 def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | None = None,
@@ -97,7 +97,8 @@ def analyze_capture(path, config: DecodeConfig = DEFAULT_CONFIG, point: Point | 
     there as this capture's partition of a Parquet dataset (`DIR/capture=NAME/`) and leave it out.
     tunnel_bytes: keep the CONNECT streams' tunnelled bytes (for `Analysis.unwrap`; up to 256 MB per capture).
     share: (0, n): the stream stages analyse only share 0 of n of the TCP connections; `stream_share` gives the
-    other shares' results and `CaptureResult.add_shares` merges them (one big capture on several cores).
+    other shares' results and `CaptureResult.add_shares` merges them (one big capture on several cores; `analyze`
+    instead runs this with streams=False and every share with `stream_share`).
     """
     from hbonecap.analysis.connections import connections
 
@@ -191,9 +192,9 @@ def _stream_feed(config, name, keylog, embedded_keys: bool, tunnel_bytes: bool, 
 
 def stream_share(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None, keylog=None,
                  embedded_keys: bool = True, tunnel_bytes: bool = True, share: tuple[int, int] = (1, 2)):
-    """The stream stages of one capture point for share k of n of its TCP connections (`StreamAnalyzer(share=)`):
-    every packet is decoded (each share follows every connection's lifetime) but no table is built. Returns the
-    share's `StreamResults`, for `CaptureResult.add_shares` of share 0's result."""
+    """The stream stages of one capture point for share k of n of its TCP connections (`StreamAnalyzer(share=)`;
+    (0, 1): all of them): every packet is decoded (each share follows every connection's lifetime) but no table is
+    built. Returns the share's `StreamResults`, for `CaptureResult.add_shares`."""
     from hbonecap.capture.reader import CaptureReader
     from hbonecap.decode import _slice
     from hbonecap.layers.unwrap import decode_batch
@@ -618,13 +619,15 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         outcomes, remote_packets = _run_dask(scheduler, args, labels, progress, keep_packets=engine == "dask")
     elif (jobs := (os.cpu_count() or 1) if jobs is None else max(1, jobs)) > 1 and \
             (len(args) > 1 or (streams and _share_counts(groups, jobs)[0] > 1)):
-        # one process per capture point; with fewer points than jobs, the biggest points' stream stages are split
-        # by connection over several processes (each decodes the whole capture; share 0 also builds its tables)
+        # one process per capture point; with fewer points than jobs, a big point gets n processes: one builds
+        # its tables without the stream stages, n - 1 run the stream stages for a share of its connections each
+        # (every one decodes the whole capture)
         shares = _share_counts(groups, jobs) if streams else [1] * len(args)
         outcomes = []
         with ProcessPoolExecutor(max_workers=min(jobs, sum(shares))) as ex:
-            futures = [(ex.submit(_safe_analyze, *x, (0, n) if n > 1 else None),
-                        [ex.submit(_safe_share, x, (k, n)) for k in range(1, n)]) for x, n in zip(args, shares)]
+            futures = [(ex.submit(_safe_analyze, *x) if n == 1 else ex.submit(_safe_analyze, *x[:5], False, *x[6:]),
+                        [ex.submit(_safe_share, x, (k, n - 1)) for k in range(n - 1)] if n > 1 else [])
+                       for x, n in zip(args, shares)]
             for i, (main, extra) in enumerate(futures):
                 res, err = main.result()
                 others = [f.result() for f in extra]

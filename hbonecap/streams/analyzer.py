@@ -268,14 +268,10 @@ class _Foreign:
 FOREIGN = _Foreign()
 
 
-SHARE0_WEIGHT = 0.25      # share 0 also builds the capture's tables: it takes a quarter of another share's load
-
-
 def share_of(key: tuple, shares: int) -> int:
     """Which of `shares` analyses a connection: a hash of its key without the capture name (stable across
-    processes) cut into share 0's smaller slice (`SHARE0_WEIGHT`) and equal slices for the others."""
-    h = zlib.crc32(repr(key[1:]).encode()) / 2 ** 32 * (SHARE0_WEIGHT + shares - 1)
-    return 0 if h < SHARE0_WEIGHT else min(shares - 1, 1 + int(h - SHARE0_WEIGHT))
+    processes)."""
+    return zlib.crc32(repr(key[1:]).encode()) % shares
 
 
 def _addr(ip: str, port: int) -> str:
@@ -991,7 +987,8 @@ class StreamAnalyzer:
 def merge_shares(parts: list[StreamResults]) -> StreamResults:
     """The results of the analyzers of every share of one capture (`StreamAnalyzer(share=(k, n))` for k < n, fed
     the same segments) as one analyzer would have given them: rows and keys in the order of the steps they were
-    emitted at (one connection per step, so one share per step); rows of no connection from share 0 only."""
+    emitted at (one connection per step, so one share per step); rows of no connection from the lowest share
+    only."""
     parts = sorted(parts, key=lambda r: r.order["share"][0] if r.order else 0)
     out = StreamResults(kept_tunnel_bytes=parts[0].kept_tunnel_bytes)
     for name in ROW_LISTS:

@@ -56,19 +56,21 @@ def test_conformance_shares_merge_to_one_analyzer(capture):
 
 
 def test_analyze_splits_one_capture_over_two_processes(tmp_path, monkeypatch):
-    """The mesh benchmark's node-a capture alone (one point): with jobs=2 its connections are shared by two
-    processes (each share analyses some: the merge is not share 0's alone) and every table equals jobs=1's."""
+    """The mesh benchmark's node-a capture alone (one point): with jobs=2 one process builds its tables and one
+    runs its stream stages; with jobs=3 two share its connections (each analyses some: the merge is not one
+    share's alone); every table equals jobs=1's."""
     import mesh
 
     m = mesh.generate(tmp_path / "mesh", mb=8, seed=3, streams_per_connection=4, largest=100_000)
     node = m.files["node-a-eth0"]
     monkeypatch.setattr(api, "MIN_SHARE_BYTES", 1 << 10)
-    assert api._share_counts([(str(node), [str(node)])], 2) == [2]
+    assert api._share_counts([(str(node), [str(node)])], 3) == [3]
     parts = _same_as_whole(node, m.keylog, 2)
     assert all(len(p.tunnels) for p in parts), [len(p.tunnels) for p in parts]
     one = hbonecap.analyze(str(node), keylog=str(m.keylog), jobs=1, packets=False)
-    two = hbonecap.analyze(str(node), keylog=str(m.keylog), jobs=2, packets=False)
-    for name in ("captures", "connections", "tunnels", "streams", "requests", "anomalies", "flows", "hops",
-                 "tunnel_records"):
-        pd.testing.assert_frame_equal(getattr(one, name), getattr(two, name), obj=name)
-    assert len(two.streams) == len(m.truth["connections"])
+    for jobs in (2, 3):
+        split = hbonecap.analyze(str(node), keylog=str(m.keylog), jobs=jobs, packets=False)
+        for name in ("captures", "connections", "tunnels", "streams", "requests", "anomalies", "flows", "hops",
+                     "tunnel_records"):
+            pd.testing.assert_frame_equal(getattr(one, name), getattr(split, name), obj=f"jobs={jobs} {name}")
+        assert len(split.streams) == len(m.truth["connections"])

@@ -618,16 +618,19 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
     if scheduler is not None:
         outcomes, remote_packets = _run_dask(scheduler, args, labels, progress, keep_packets=engine == "dask")
     elif (jobs := (os.cpu_count() or 1) if jobs is None else max(1, jobs)) > 1 and \
-            (len(args) > 1 or (streams and _share_counts(groups, jobs)[0] > 1)):
+            (len(args) > 1 or (streams and max(_share_counts(groups, jobs), default=1) > 1)):
         # one process per capture point; with fewer points than jobs, a big point gets n processes: one builds
         # its tables without the stream stages, n - 1 run the stream stages for a share of its connections each
         # (every one decodes the whole capture)
         shares = _share_counts(groups, jobs) if streams else [1] * len(args)
         outcomes = []
         with ProcessPoolExecutor(max_workers=min(jobs, sum(shares))) as ex:
-            futures = [(ex.submit(_safe_analyze, *x) if n == 1 else ex.submit(_safe_analyze, *x[:5], False, *x[6:]),
-                        [ex.submit(_safe_share, x, (k, n - 1)) for k in range(n - 1)] if n > 1 else [])
-                       for x, n in zip(args, shares)]
+            futures: list = [None] * len(args)
+            for i in sorted(range(len(args)), key=lambda k: -shares[k]):     # split points first
+                x, n = args[i], shares[i]
+                futures[i] = (ex.submit(_safe_analyze, *x) if n == 1 else
+                              ex.submit(_safe_analyze, *x[:5], False, *x[6:]),
+                              [ex.submit(_safe_share, x, (k, n - 1)) for k in range(n - 1)] if n > 1 else [])
             for i, (main, extra) in enumerate(futures):
                 res, err = main.result()
                 others = [f.result() for f in extra]
@@ -800,9 +803,9 @@ MIN_SHARE_BYTES = 64 << 20     # a capture point's stream stages are split only 
 
 
 def _share_counts(groups: list[tuple[str, list[str]]], jobs: int) -> list[int]:
-    """How many processes analyse each capture point's stream stages: one each, and while there are fewer
-    points than jobs, one more for the point with the most bytes per process (shares of at least
-    MIN_SHARE_BYTES: each process decodes the whole capture)."""
+    """How many processes analyse each capture point: one each, and one more for the point with the most bytes
+    per process while that is over a fair share (all bytes / jobs: one 5 GB capture beside small ones is split
+    too), each process keeping at least MIN_SHARE_BYTES (each decodes the whole capture), at most `jobs`."""
     def size(members) -> int:
         total = 0
         for m in members:
@@ -814,9 +817,10 @@ def _share_counts(groups: list[tuple[str, list[str]]], jobs: int) -> list[int]:
 
     sizes = [size(members) for _, members in groups]
     counts = [1] * len(groups)
-    for _ in range(max(0, jobs - len(groups))):
-        i = max(range(len(groups)), key=lambda k: sizes[k] / counts[k], default=None)
-        if i is None or sizes[i] / (counts[i] + 1) < MIN_SHARE_BYTES:
+    fair = sum(sizes) / max(jobs, 1)
+    while groups:
+        i = max(range(len(groups)), key=lambda k: sizes[k] / counts[k])
+        if sizes[i] / counts[i] <= fair or sizes[i] / (counts[i] + 1) < MIN_SHARE_BYTES or counts[i] >= jobs:
             break
         counts[i] += 1
     return counts

@@ -74,3 +74,26 @@ def test_analyze_splits_one_capture_over_two_processes(tmp_path, monkeypatch):
                      "tunnel_records"):
             pd.testing.assert_frame_equal(getattr(one, name), getattr(split, name), obj=f"jobs={jobs} {name}")
         assert len(split.streams) == len(m.truth["connections"])
+
+
+def test_share_counts_split_only_points_over_a_fair_share(tmp_path, monkeypatch):
+    """Processes per capture point: a point bigger than all bytes / jobs is split (alone, or beside small points),
+    points of similar size are not, never under MIN_SHARE_BYTES per process nor over `jobs`."""
+    monkeypatch.setattr(api, "MIN_SHARE_BYTES", 1 << 20)
+
+    def points(*mb):
+        out = []
+        for i, n in enumerate(mb):
+            f = tmp_path / f"p{i}-{n}.pcap"
+            with open(f, "wb") as fh:
+                fh.truncate(int(n * (1 << 20)))
+            out.append((str(f), [str(f)]))
+        return out
+
+    assert api._share_counts(points(100), 2) == [2]
+    assert api._share_counts(points(100), 8) == [8]
+    assert api._share_counts(points(100), 200) == [100]      # at least MIN_SHARE_BYTES each
+    assert api._share_counts(points(100, 1, 1), 2) == [2, 1, 1]
+    assert api._share_counts(points(50, 50, 50, 50), 2) == [1, 1, 1, 1]
+    assert api._share_counts(points(1.5), 2) == [1]          # two shares would be under 1 MB
+    assert api._share_counts([], 2) == []

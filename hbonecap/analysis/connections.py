@@ -20,24 +20,53 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 NAT = np.iinfo(np.int64).min
 
 
+def _first_seen_codes(cols: list[pd.Series], missing=np.nan) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Codes of the values of several columns in one numbering, in order of first appearance over the columns
+    one after the other (as pd.unique of their concatenation), a missing value counted as `missing`: per column
+    (codes, the values numbered). Categorical columns are numbered through their category codes, without
+    converting every row to a Python object."""
+    def key(v):
+        return "\0missing" if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    pos: dict = {}
+    values: list = []
+    out = []
+    for col in cols:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            codes, cats = col.cat.codes.to_numpy(np.int64), list(col.cat.categories)
+        else:
+            f, uniq = pd.factorize(col.astype(object).to_numpy(object), use_na_sentinel=True)
+            codes, cats = f.astype(np.int64), list(uniq)
+        for c in pd.unique(codes):
+            v = missing if c < 0 else cats[c]
+            if key(v) not in pos:
+                pos[key(v)] = len(values)
+                values.append(v)
+        lut = np.array([pos.get(key(missing), -1)] + [pos.get(key(v), -1) for v in cats], dtype=np.int64)
+        out.append(lut[codes + 1])
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return [(o, arr) for o in out]
+
+
 def connections(packets: pd.DataFrame, first_conn_id: int = 0) -> pd.DataFrame:
     """The connections table for the packets of one or more captures."""
-    tcp = packets[(packets["proto"] == "tcp") & packets["sport"].notna() & packets["src"].notna()]
+    keep = ((packets["proto"] == "tcp") & packets["sport"].notna() & packets["src"].notna()).to_numpy(bool)
+    tcp = packets if keep.all() else packets[keep]      # (the analysis path passes TCP rows only: no copy)
     if tcp.empty:
         return tables.empty("connections")
     n = len(tcp)
     cap = tcp["capture"].astype("category").cat.codes.to_numpy(np.int64)
     # The two directions of a tunnelled connection may use different VNIs (Istio: 1001 out, 1000 in) and
     # different outer UDP source ports: group by the tunnel types and the unordered outer address pair.
-    enc_codes, enc_names = pd.factorize(tcp["encap"].astype(object).fillna(""))     # regex once per distinct path
+    enc_codes, enc_names = _first_seen_codes([tcp["encap"]], missing="")[0]   # regex once per distinct path
     enc_paths = np.array([re.sub(r":\d+", "", e) for e in enc_names] or [""], dtype=object)
     enc = pd.factorize(enc_paths[enc_codes])[0].astype(np.int64)
     ifx = tcp["ifindex"].to_numpy(np.int64, na_value=-1)
-    addr_cats = pd.Index(pd.unique(pd.concat([tcp[c].astype(object) for c in ("src", "dst", "outer_src", "outer_dst")])))
-    os_ = addr_cats.get_indexer(tcp["outer_src"].astype(object)).astype(np.int64)
-    od_ = addr_cats.get_indexer(tcp["outer_dst"].astype(object)).astype(np.int64)
-    s = addr_cats.get_indexer(tcp["src"].astype(object)).astype(np.int64)
-    d = addr_cats.get_indexer(tcp["dst"].astype(object)).astype(np.int64)
+    # addresses numbered in order of first appearance over src, dst, outer_src, outer_dst (missing: one value)
+    (s, addr_vals), (d, _), (os_, _), (od_, _) = _first_seen_codes(
+        [tcp[c] for c in ("src", "dst", "outer_src", "outer_dst")])
+    addr_cats = pd.Index(addr_vals)
     sp = tcp["sport"].to_numpy(np.int64)
     dp = tcp["dport"].to_numpy(np.int64)
     flags = tcp["tcp_flags"].to_numpy(np.int64, na_value=0)

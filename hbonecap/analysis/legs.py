@@ -47,6 +47,28 @@ def endpoint_keys(ips: np.ndarray, ports: np.ndarray) -> np.ndarray:
     return ((h >> np.uint64(17)).astype(np.int64) << 16) | np.asarray(ports, dtype=np.int64)
 
 
+def _column_endpoint_keys(col: pd.Series, ports: np.ndarray, addresses: dict[int, str]) -> np.ndarray:
+    """`endpoint_keys` of an address column (hashing a categorical column's categories, not its rows), adding the
+    addresses it holds to `addresses` (47-bit hash -> text)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+        names = np.empty(len(cats) + 1, dtype=object)
+        names[:-1] = np.asarray(cats, dtype=object)
+        names[-1] = np.nan                                   # code -1 (missing) indexes the last entry
+        h = (pd.util.hash_array(names, categorize=False) >> np.uint64(17)).astype(np.int64)
+        codes = col.cat.codes.to_numpy(np.int64)
+        for c in np.unique(codes).tolist():
+            addresses.setdefault(int(h[c]), names[c])
+        return (h[codes] << 16) | np.asarray(ports, dtype=np.int64)
+    ips = col.astype(object).to_numpy(object)
+    keys = endpoint_keys(ips, ports)
+    if len(keys):       # one entry per distinct address (np.unique), not one Python step per packet
+        hashes, first = np.unique(keys >> 16, return_index=True)
+        for k, v in zip(hashes.tolist(), ips[first].tolist()):
+            addresses.setdefault(k, v)
+    return keys
+
+
 def _endpoint_names(addr: dict[int, str], keys: np.ndarray) -> np.ndarray:
     out = np.empty(len(keys), dtype=object)
     for i, k in enumerate(np.asarray(keys, dtype=np.int64).tolist()):
@@ -99,15 +121,9 @@ def pair_codes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
     """Legs of one capture's TCP packets (`tcp_rows` of its packets table)."""
     n = len(pk)
-    src = pk["src"].astype(object).to_numpy(object)
-    dst = pk["dst"].astype(object).to_numpy(object)
-    a_key = endpoint_keys(src, pk["sport"].to_numpy(np.int64))
-    b_key = endpoint_keys(dst, pk["dport"].to_numpy(np.int64))
-    if n:   # one entry per distinct address (np.unique), not one Python step per packet
-        hashes, first = np.unique(np.r_[a_key, b_key] >> 16, return_index=True)
-        addresses = dict(zip(hashes.tolist(), np.r_[src, dst][first].tolist()))
-    else:
-        addresses = {}
+    addresses: dict[int, str] = {}
+    a_key = _column_endpoint_keys(pk["src"], pk["sport"].to_numpy(np.int64), addresses)
+    b_key = _column_endpoint_keys(pk["dst"], pk["dport"].to_numpy(np.int64), addresses)
     ts = pk["ts"].to_numpy("datetime64[ns]").view(np.int64)
     flags = pk["tcp_flags"].to_numpy(np.int64, na_value=0)
     seq = pk["seq"].to_numpy(np.int64, na_value=-1)
@@ -151,7 +167,12 @@ def capture_legs(pk: pd.DataFrame) -> CaptureLegs:
         "synack_dst": first_by_leg(synack_m, b_key)})
     kinds = {"syn": syn_m, "synack": synack_m, "data": plen > 0, "fin": (flags & FIN) != 0,
              "rst": (flags & RST) != 0, "any": np.ones(n, bool)}
-    tunnelled = pk["encap"].astype(object).fillna("").to_numpy(object) != ""
+    enc = pk["encap"]
+    if isinstance(enc.dtype, pd.CategoricalDtype):     # by category code, not one Python object per packet
+        lut = np.array([c != "" for c in enc.cat.categories] + [False], dtype=bool)
+        tunnelled = lut[enc.cat.codes.to_numpy(np.int64)]
+    else:
+        tunnelled = enc.astype(object).fillna("").to_numpy(object) != ""
     # a capture on several interfaces ("any") sees one packet several times, and retransmissions repeat
     # segments: count each segment once
     seg = pd.DataFrame({"leg": leg, "side": (~from_lo).astype(np.int64), "plen": plen, "seq": seq,

@@ -577,7 +577,6 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         raise HbonecapError("engine='dask' keeps the packets table on the cluster: packets must be True")
     if packets is not True and packets is not False:
         packets = str(Path(packets).resolve())
-        Path(packets).mkdir(parents=True, exist_ok=True)
     files = expand_paths(paths)
     from hbonecap.k8s import as_inventory
 
@@ -603,6 +602,8 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
             continue
         name, pt = parse_point(f"{k}={v}")
         assigned[os.path.basename(name)] = pt
+    if packets is not True and packets is not False:      # (made once every argument has been checked)
+        Path(packets).mkdir(parents=True, exist_ok=True)
     groups = group_rotated(files)
     names = _unique_names([g[0] for g in groups])
     args = []

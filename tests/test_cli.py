@@ -84,6 +84,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert r.exit_code == 2
 
 
+def test_unusable_key_log_exits_2_and_writes_nothing(tmp_path):
+    p = _capture(tmp_path)
+    kl = tmp_path / "keylog.txt"
+    kl.write_text("CLIENT_RANDOM zz\nnonsense\n")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["correlate", str(p), "-k", str(kl), "-o", str(out), "-j", "1"])
+    assert r.exit_code == 2 and "no usable key log line" in r.output
+    assert not out.exists()          # (the packets dataset folder was made before the key log was read)
+
+
 def test_correlate_writes_every_table(tmp_path):
     p = _capture(tmp_path)
     out = tmp_path / "out"

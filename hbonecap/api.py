@@ -195,24 +195,11 @@ def stream_share(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None =
     """The stream stages of one capture point for share k of n of its TCP connections (`StreamAnalyzer(share=)`;
     (0, 1): all of them): every packet is decoded (each share follows every connection's lifetime) but no table is
     built. Returns the share's `StreamResults`, for `CaptureResult.add_shares`."""
-    from hbonecap.capture.reader import CaptureReader
-    from hbonecap.decode import _slice
-    from hbonecap.layers.unwrap import decode_batch
+    from hbonecap.decode import iter_decoded
 
     analyzer, feed = _stream_feed(config, name, keylog, embedded_keys, tunnel_bytes, share)
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    offset = last = 0
-    for p in paths:
-        reader = CaptureReader(p, config, name=name)
-        reader.index_offset = offset       # frame numbers continue across rotated files (as PacketColumns)
-        for batch in reader:
-            link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
-            for lo in range(0, len(batch), config.batch_packets):
-                part = _slice(batch, lo, lo + config.batch_packets)
-                if len(part):
-                    feed(reader, part, decode_batch(part, link_types, config))
-                    last = max(last, int(part.frame_numbers()[-1]) + offset)
-        offset = last
+    for reader, batch, ctx in iter_decoded(path, config, name=name):
+        feed(reader, batch, ctx)
     return analyzer.close()
 
 
@@ -807,16 +794,9 @@ def _share_counts(groups: list[tuple[str, list[str]]], jobs: int) -> list[int]:
     """How many processes analyse each capture point: one each, and one more for the point with the most bytes
     per process while that is over a fair share (all bytes / jobs: one 5 GB capture beside small ones is split
     too), each process keeping at least MIN_SHARE_BYTES (each decodes the whole capture), at most `jobs`."""
-    def size(members) -> int:
-        total = 0
-        for m in members:
-            try:
-                total += os.path.getsize(m)
-            except OSError:
-                pass
-        return total
+    from hbonecap.decode import _size
 
-    sizes = [size(members) for _, members in groups]
+    sizes = [sum(_size(m) for m in members) for _, members in groups]
     counts = [1] * len(groups)
     fair = sum(sizes) / max(jobs, 1)
     while groups:

@@ -363,15 +363,24 @@ def _addr_keys(ver: np.ndarray, addr: np.ndarray) -> np.ndarray:
     return np.concatenate([ver.astype(np.uint8)[:, None], addr], axis=1)
 
 
-def iter_decoded(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
+def iter_decoded(path, config: DecodeConfig = DEFAULT_CONFIG, name: str | None = None,
                  engine: str = "auto") -> Iterator[tuple[CaptureReader, RecordBatch, DecodeContext]]:
-    """Decode a capture batch by batch (bounded memory): yields (reader, batch, decoded context)."""
-    reader = CaptureReader(path, config, name=name)
-    for batch in reader:
-        link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
-        for lo in range(0, len(batch), config.batch_packets):
-            part = _slice(batch, lo, lo + config.batch_packets)
-            yield reader, part, decode_batch(part, link_types, config, engine=engine)
+    """Decode a capture batch by batch (bounded memory): yields (reader, batch, decoded context). `path` is a file
+    or the rotated files of one point in order; frame numbers continue from file to file as in `PacketStream`
+    (`reader.index_offset`)."""
+    offset = 0
+    for p in [path] if isinstance(path, (str, os.PathLike)) else list(path):
+        reader = CaptureReader(p, config, name=name)
+        reader.index_offset = offset
+        last = offset
+        for batch in reader:
+            link_types = np.array([i.link_type for i in reader.info.interfaces] or [-1], dtype=np.int64)
+            for lo in range(0, len(batch), config.batch_packets):
+                part = _slice(batch, lo, lo + config.batch_packets)
+                yield reader, part, decode_batch(part, link_types, config, engine=engine)
+            if len(batch):
+                last = max(last, int(batch.frame_numbers()[-1]) + offset)
+        offset = last
 
 
 def _slice(b: RecordBatch, lo: int, hi: int) -> RecordBatch:

@@ -376,6 +376,10 @@ class _Correlator:
             if o.via == "unconnected":
                 self._anom(g, "clock_unconnected", f"clock group {g} shares no packet with the reference "
                                                    f"({self.reference}) through any chain: times left uncorrected")
+        self._capture_offsets()
+
+    def _capture_offsets(self) -> None:
+        """Each capture's offset (`off`, int ns, 0 when unknown) from its clock group's."""
         self.off = {}
         for c in self.caps:
             o = self.offsets.get(self.group[c])
@@ -425,10 +429,9 @@ class _Correlator:
                     + (f" (the {k} tightest bound(s) each side set aside)" if k else "")
                     + "; no packet shared with another clock"))
             self.anoms = [x for x in self.anoms if not (x["kind"] == "clock_unconnected" and x["capture"] == g)]
-            for c in self.caps:
-                if self.group.get(c) == g:
-                    self.off[c] = int(round((a + b) / 2))
             changed = True
+        if changed:
+            self._capture_offsets()
         return changed
 
     def _host_group(self, cap: str) -> str:
@@ -1029,9 +1032,8 @@ class _Correlator:
         score, why = 0.0, []
         ra, ha = self.leg_request(a)
         rd, hd = self.leg_request(d)
-        clean = [tuple(None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
-                       for v in r) if r is not None else None for r in (ra, rd)]
-        if clean[0] and clean[1] and None not in clean[0] and None not in clean[1]:
+        clean = [_known_request(ra), _known_request(rd)]
+        if clean[0] and clean[1]:
             if clean[0] == clean[1]:
                 score += 2
                 why.append("same request line")
@@ -1107,15 +1109,11 @@ class _Correlator:
 
     @staticmethod
     def _content_score(req1, host1, bytes1, req2, host2, bytes2) -> int:
-        def clean(v):
-            return None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
-
         score = 0
-        r1 = tuple(clean(x) for x in req1) if req1 is not None else None
-        r2 = tuple(clean(x) for x in req2) if req2 is not None else None
-        if r1 and r2 and None not in r1 and None not in r2:
+        r1, r2 = _known_request(req1), _known_request(req2)
+        if r1 and r2:
             score += 2 if r1 == r2 else -2
-        host1, host2 = clean(host1), clean(host2)
+        host1, host2 = _text(host1), _text(host2)
         if host1 and host2:
             score += 1 if host1 == host2 else 0
         if bytes1[0] > 0 and bytes2[0] > 0:
@@ -1127,15 +1125,8 @@ class _Correlator:
     @staticmethod
     def _requests_conflict(req1, req2) -> bool:
         """Both request lines known and different: not the same request."""
-        def known(r) -> tuple | None:
-            if r is None:
-                return None
-            t = tuple(None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
-                      for v in r)
-            return None if None in t else t
-
-        k1, k2 = known(req1), known(req2)
-        return k1 is not None and k2 is not None and k1 != k2
+        k1, k2 = _known_request(req1), _known_request(req2)
+        return bool(k1) and bool(k2) and k1 != k2
 
     def _unclocked_captures(self) -> set[str]:
         """Captures whose clock group shares no packet with the reference's (times uncorrected)."""
@@ -1816,6 +1807,19 @@ class _TunnelPackets:
         for j in np.sort(cand):
             seen.setdefault(int(self.cap[j]), int(self.ts[j]))
         return list(seen.items())
+
+
+def _text(v) -> str | None:
+    """A table value as text; None for a missing one (None, NA, NaN)."""
+    return None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def _known_request(req) -> tuple | None:
+    """A (method, path) request line as text when every part of it is known, else None."""
+    if req is None:
+        return None
+    t = tuple(_text(v) for v in req)
+    return None if None in t else t
 
 
 def _min_cost_assignment(cost: list[list[float]]) -> list[tuple[int, int]]:

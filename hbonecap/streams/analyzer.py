@@ -255,6 +255,12 @@ class _Conn:
         self.closed = False
         self.foreign = False      # another share's: only its lifetime is followed here
 
+    def end(self, d: int, flags: int) -> None:
+        """A FIN or RST from direction d: that direction ends (an RST ends both)."""
+        self.ended[d] = True
+        if flags & RST:
+            self.ended[1 - d] = True
+
 
 class _Foreign:
     """The stack of a connection another share analyses: nothing to look at (the opaque paths count its bytes)."""
@@ -801,9 +807,7 @@ class StreamAnalyzer:
                 c.last_index = seg.index
                 c.bytes[d] += seg.payload_len
                 if flags & (FIN | RST):
-                    c.ended[d] = True
-                    if flags & RST:
-                        c.ended[1 - d] = True
+                    c.end(d, flags)
                 self.segments += 1
                 if self.segments % FLUSH_EVERY == 0:
                     self._flush(seg.ts_ns)
@@ -819,9 +823,7 @@ class StreamAnalyzer:
                     for e in events:
                         self._dispatch(c, e)
                 if flags & (FIN | RST):
-                    c.ended[d] = True
-                    if flags & RST:
-                        c.ended[1 - d] = True
+                    c.end(d, flags)
                 self.segments += 1
                 if self.segments % FLUSH_EVERY == 0:
                     self._flush(seg.ts_ns)
@@ -855,9 +857,7 @@ class StreamAnalyzer:
             for e in c.reasm.feed(d, seg.seq, seg.ack, flags, seg.payload, seg.payload_len, seg.ts_ns, seg.index):
                 self._dispatch(c, e)
         if flags & (FIN | RST):
-            c.ended[d] = True
-            if flags & RST:
-                c.ended[1 - d] = True
+            c.end(d, flags)
         self.segments += 1
         if self.segments % FLUSH_EVERY == 0:
             self._flush(seg.ts_ns)
@@ -989,12 +989,14 @@ def merge_shares(parts: list[StreamResults]) -> StreamResults:
     the same segments) as one analyzer would have given them: rows and keys in the order of the steps they were
     emitted at (one connection per step, so one share per step); rows of no connection from the lowest share
     only."""
-    parts = sorted(parts, key=lambda r: r.order["share"][0] if r.order else 0)
+    if len(parts) == 1:         # one analyzer for every connection (shared or not): nothing to merge
+        return parts[0]
+    parts = sorted(parts, key=lambda r: r.order["share"][0])
     out = StreamResults(kept_tunnel_bytes=parts[0].kept_tunnel_bytes)
     for name in ROW_LISTS:
         keyed = []
         for k, r in enumerate(parts):
-            steps, shared = r.order[name] if r.order else ([0] * len(getattr(r, name)), [True] * len(getattr(r, name)))
+            steps, shared = r.order[name]
             keyed += [(st, k, i, row) for i, (row, st, sh) in enumerate(zip(getattr(r, name), steps, shared))
                       if k == 0 or not sh]
         keyed.sort(key=lambda x: x[:3])
@@ -1002,9 +1004,8 @@ def merge_shares(parts: list[StreamResults]) -> StreamResults:
     for name in KEYED:
         keyed = []
         for k, r in enumerate(parts):
-            d = getattr(r, name)
-            steps = r.order[name] if r.order else {}
-            keyed += [(steps.get(key, 0), k, i, key, v) for i, (key, v) in enumerate(d.items())]
+            steps = r.order[name]
+            keyed += [(steps[key], k, i, key, v) for i, (key, v) in enumerate(getattr(r, name).items())]
         keyed.sort(key=lambda x: x[:3])
         setattr(out, name, {x[3]: x[4] for x in keyed})
     return out

@@ -309,7 +309,9 @@ def records_table(a):
         return tables.empty("tunnel_records")
     cols: dict[str, list] = {c: [] for c in tables.columns("tunnel_records")}
     for r in tun.itertuples(index=False):
-        if r.decrypted is True or (pd.notna(r.depth) and int(r.depth) > 0):
+        # (itertuples gives numpy booleans of the nullable column: `is True` never held, so decrypted tunnels
+        # were listed and labelled too)
+        if (pd.notna(r.decrypted) and bool(r.decrypted)) or (pd.notna(r.depth) and int(r.depth) > 0):
             continue
         detail = a.details.get(r.capture)
         timeline = getattr(detail, "records", {}).get(r.tunnel_id) if detail is not None else None

@@ -357,6 +357,10 @@ def frame(name: str, data: Mapping[str, Any]):
         if c.name in data:
             v = data[c.name]
             if c.dtype == TS:
+                kind = getattr(getattr(v, "dtype", None), "kind", "")
+                if kind == "M":             # datetime64 with or without a zone: no object round trip
+                    out[c.name] = pd.Series(pd.to_datetime(v, utc=True))
+                    continue
                 arr = np.asarray(v)
                 if arr.dtype.kind in "iu":
                     s = pd.Series(pd.to_datetime(arr.astype("int64"), unit="ns", utc=True))

@@ -335,7 +335,7 @@ def records_table(a):
     if not cols["capture"]:
         return tables.empty("tunnel_records")
     for c in ("ts_first", "ts_last"):
-        cols[c] = pd.to_datetime(np.asarray(cols[c], dtype=np.int64), utc=True)
+        cols[c] = np.asarray(cols[c], dtype=np.int64)
     return tables.frame("tunnel_records", cols)
 
 

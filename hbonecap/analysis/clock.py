@@ -14,7 +14,9 @@ Pairs of groups are then chained from the reference group along the most certain
 uncertainties), so a group seen only through another is still placed, with the uncertainties added.
 
 Packets are matched by (connection, direction, seq, ack, TCP timestamp, SYN/FIN/RST flags): the first
-occurrence in each capture, so retransmissions do not pair with their originals. All per-packet work is a merge.
+occurrence in each capture, so retransmissions do not pair with their originals. The per-packet work is a join:
+on numpy arrays by a 64-bit hash of those columns, every joined pair checked column by column (a table in memory),
+or pandas merges (a Dask table on a cluster).
 Limits: clock drift is estimated (slope of the per-time-bin delay envelopes, after Moon, Skelly and Towsley 1999)
 and reported as `drift_ppm` when the shared traffic spans 2 s or more, but not corrected: offsets are constant.
 """
@@ -67,11 +69,13 @@ class GroupOffset:
     drift_ppm: float = float("nan")
 
 
-def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
+def packet_deltas(legs: Legs, group_of_cap: dict[int, str], engine: str = "auto") -> pd.DataFrame:
     """For every pair of groups and every connection seen in both: per packet (dir, delta = t_b - t_a, t_a).
 
     `legs.tcp` may be a Dask DataFrame whose partitions each hold whole captures (`cluster.legs_on_cluster`):
-    the reductions and the join then run on the cluster and only the matched pairs come back."""
+    the reductions and the join then run on the cluster and only the matched pairs come back (pandas
+    operations). In memory the same is computed on numpy arrays (`_packet_deltas_arrays`; engine="pandas" takes
+    the DataFrame path there too: the two give the same table, row for row)."""
     cols = ["ga", "gb", "lconn", "dir", "delta", "ta", "cap_a", "cap_b"]
     tcp = legs.tcp
     remote = hasattr(tcp, "npartitions")
@@ -80,6 +84,10 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     grp_names = sorted(set(group_of_cap.values()))
     gcode = {g: i for i, g in enumerate(grp_names)}
     cap_to_grp = np.asarray([gcode[group_of_cap[c]] for c in range(len(legs.captures))], dtype=np.int64)
+    if not remote and engine != "pandas":
+        out = _packet_deltas_arrays(tcp, cap_to_grp, grp_names, legs.captures)
+        if out is not None:
+            return out if len(out) else pd.DataFrame(columns=cols)
 
     def prepare(t: pd.DataFrame) -> pd.DataFrame:
         # a new frame (copy-on-write: the selected columns are not copied), narrow added columns
@@ -130,6 +138,105 @@ def packet_deltas(legs: Legs, group_of_cap: dict[int, str]) -> pd.DataFrame:
     if not out:
         return pd.DataFrame(columns=cols)
     return pd.concat(out, ignore_index=True)
+
+
+def _mix(h: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """One step of a 64-bit hash of several integer columns (multiply-xorshift, as splitmix64 finalises)."""
+    h = (h ^ x.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+    return h ^ (h >> np.uint64(31))
+
+
+def _packet_deltas_arrays(tcp: pd.DataFrame, cap_to_grp: np.ndarray, grp_names: list[str],
+                          captures: list[str]) -> pd.DataFrame | None:
+    """`packet_deltas` on numpy arrays: the same choices, order and rows as the DataFrame path, without its
+    multi-column group-bys, sorts and merges. Packets are keyed by a 64-bit hash of their columns; every pair the
+    hash joins is checked column by column, and if two different packets of one capture ever share a hash the
+    DataFrame path is taken instead (returns None)."""
+    cap = tcp["cap"].to_numpy(np.int64)
+    lconn = tcp["lconn"].to_numpy(np.int64)
+    # up to MAX_CAPTURES_PER_GROUP captures per (group, lconn), those with the most packets of it
+    lc = lconn * 65536 + cap
+    codes, uniq = pd.factorize(lc)
+    n = np.bincount(codes, minlength=len(uniq))
+    u_cap, u_lconn = uniq % 65536, uniq // 65536
+    u_grp = cap_to_grp[u_cap]
+    o = np.lexsort((u_cap, -n, u_lconn, u_grp))        # by group, lconn, most packets first, then capture
+    g_s, l_s = u_grp[o], u_lconn[o]
+    new = np.ones(len(o), dtype=bool)
+    new[1:] = (g_s[1:] != g_s[:-1]) | (l_s[1:] != l_s[:-1])
+    start = np.maximum.accumulate(np.where(new, np.arange(len(o)), 0))
+    top = o[np.arange(len(o)) - start < MAX_CAPTURES_PER_GROUP]
+    groups_of_lconn = pd.Series(u_grp[top]).groupby(u_lconn[top]).nunique()
+    shared_l = groups_of_lconn.index.to_numpy()[groups_of_lconn.to_numpy() >= 2]
+    rep = top[np.isin(u_lconn[top], shared_l)]
+    if not len(rep):
+        return pd.DataFrame()
+    is_rep = np.zeros(len(uniq), dtype=bool)
+    is_rep[rep] = True
+    rows = np.flatnonzero(is_rep[codes])
+    # first sight: per capture and packet key, the earliest row (rows in time order, ties in table order)
+    ts = tcp["ts"].to_numpy(np.int64)
+    rows = rows[np.argsort(ts[rows], kind="stable")]
+    key_cols = [lconn[rows], tcp["dir"].to_numpy()[rows].astype(np.int64), tcp["seq"].to_numpy(np.int64)[rows],
+                tcp["ack"].to_numpy(np.int64)[rows], tcp["tsval"].to_numpy(np.int64)[rows],
+                packet_class(tcp["flags"].to_numpy()[rows], tcp["plen"].to_numpy()[rows])]
+    hk = np.zeros(len(rows), dtype=np.uint64)
+    for x in key_cols:
+        hk = _mix(hk, x)
+    c = cap[rows]
+    hc = _mix(hk, c)
+    kc, _ = pd.factorize(hc)
+    first = np.full(kc.max() + 1 if len(kc) else 0, len(kc), dtype=np.int64)
+    np.minimum.at(first, kc, np.arange(len(kc)))
+    f = first[kc]
+    dup = f != np.arange(len(kc))
+    if dup.any():
+        p, q = np.flatnonzero(dup), f[dup]
+        if (c[p] != c[q]).any() or any((x[p] != x[q]).any() for x in key_cols):
+            return None                                    # a hash collision: the DataFrame path decides
+    keep = ~dup
+    rows, c = rows[keep], c[keep]
+    kcode, kuniq = pd.factorize(hk[keep])               # dense numbers of the packet keys
+    key_cols = [x[keep] for x in key_cols]
+    g = cap_to_grp[c]
+    ts_k = ts[rows]
+    str_dtype = pd.Series([""], dtype=str).dtype
+    cap_names = pd.array(list(captures), dtype=str_dtype)
+    grp_arr = pd.array(list(grp_names), dtype=str_dtype)
+    # pairs: each packet of group a with the same packet in a later group (same lconn, so same key columns)
+    out = []
+    for ga in range(len(grp_names)):
+        ia = np.flatnonzero(g == ga)
+        if not len(ia):
+            continue
+        ib = np.flatnonzero(g > ga)
+        if not len(ib):
+            continue
+        ib = ib[np.isin(key_cols[0][ib], np.unique(key_cols[0][ia]))]
+        ob = ib[np.argsort(kcode[ib], kind="stable")]      # b's rows by key, each key's rows in time order
+        per_key = np.bincount(kcode[ib], minlength=len(kuniq))
+        cnt = per_key[kcode[ia]]
+        if not cnt.sum():
+            continue
+        lo = (np.cumsum(per_key) - per_key)[kcode[ia]]
+        pa = np.repeat(ia, cnt)
+        within = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        pb = ob[np.repeat(lo, cnt) + within]
+        same = np.ones(len(pa), dtype=bool)
+        for x in key_cols:
+            same &= x[pa] == x[pb]
+        pa, pb = pa[same], pb[same]
+        if not len(pa):
+            continue
+        # the DataFrame path's order: by time at a, captures, time at b; ties in the merge's order (rows of a in
+        # time order, each with its matches in b in time order)
+        o = np.lexsort((pb, pa, ts_k[pb], c[pb], c[pa], ts_k[pa]))
+        pa, pb = pa[o], pb[o]
+        out.append(pd.DataFrame({"ga": grp_arr.take(np.full(len(pa), ga)), "gb": grp_arr.take(g[pb]),
+                                 "lconn": key_cols[0][pa].astype(tcp["lconn"].dtype), "dir": key_cols[1][pa].astype(tcp["dir"].dtype),
+                                 "delta": ts_k[pb] - ts_k[pa], "ta": ts_k[pa],
+                                 "cap_a": cap_names.take(c[pa]), "cap_b": cap_names.take(c[pb])}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
 def datagram_deltas(packets: pd.DataFrame, captures: list[str], group_of_cap: dict[int, str]) -> pd.DataFrame:

@@ -185,3 +185,42 @@ def test_a_refused_block_estimate_falls_back_to_the_batch(tmp_path, monkeypatch)
     cfg = D.DEFAULT_CONFIG.__class__(batch_packets=500)
     got = D.decode_capture(p, cfg).packets
     pd.testing.assert_frame_equal(got, want)
+
+
+def test_read_ahead_stays_ahead_of_the_walk_and_stops(tmp_path, monkeypatch):
+    """A mapped capture is asked from the disk ahead of the walk (POSIX_FADV_WILLNEED), in order, never more
+    than the lead past the window being walked, up to the end of the file when walked to the end; abandoning the
+    walk half way ends the read-ahead thread."""
+    import os
+    import threading
+
+    from hbonecap.capture import reader as rd
+    from hbonecap.capture.reader import CaptureReader
+
+    p = tmp_path / "r.pcap"
+    write_pcap(p, _mixed_frames(3000, seed=3))
+    size = p.stat().st_size
+    cfg = dataclasses.replace(DEFAULT_CONFIG, chunk_bytes=20_000, max_record_bytes=4_000)
+    window = cfg.chunk_bytes + cfg.max_record_bytes + 65536
+    monkeypatch.setattr(rd, "READ_AHEAD_STEP", 8192)
+    asked, walked = [], []
+    real = rd._ReadAhead.reached
+
+    def reached(self, offset):
+        walked.append(offset)
+        real(self, offset)
+
+    monkeypatch.setattr(rd._ReadAhead, "reached", reached)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((off, n, advice, list(walked))))
+    batches = list(CaptureReader(p, cfg))
+    assert len(batches) > 3 and walked                       # several windows
+    assert [a[0] for a in asked] == list(range(0, size, 8192))   # in order, the whole file, once
+    assert all(a[2] == os.POSIX_FADV_WILLNEED for a in asked)
+    lead = window * rd.READ_AHEAD_WINDOWS
+    assert all(off < (w[-1] if w else 0) + lead for off, _, _, w in asked)
+    # abandoned after the first batch: the thread is gone once the reader is closed
+    it = iter(CaptureReader(p, cfg))
+    next(it)
+    assert any(t.name == "hbonecap-read-ahead" for t in threading.enumerate())
+    it.close()
+    assert not any(t.name == "hbonecap-read-ahead" for t in threading.enumerate())

@@ -152,11 +152,10 @@ def _packet_deltas_arrays(tcp: pd.DataFrame, cap_to_grp: np.ndarray, grp_names: 
     multi-column group-bys, sorts and merges. Packets are keyed by a 64-bit hash of their columns; every pair the
     hash joins is checked column by column, and if two different packets of one capture ever share a hash the
     DataFrame path is taken instead (returns None)."""
-    cap = tcp["cap"].to_numpy(np.int64)
-    lconn = tcp["lconn"].to_numpy(np.int64)
+    cap = tcp["cap"].to_numpy()
+    lconn = tcp["lconn"].to_numpy()
     # up to MAX_CAPTURES_PER_GROUP captures per (group, lconn), those with the most packets of it
-    lc = lconn * 65536 + cap
-    codes, uniq = pd.factorize(lc)
+    codes, uniq = pd.factorize(lconn.astype(np.int64) * 65536 + cap)
     n = np.bincount(codes, minlength=len(uniq))
     u_cap, u_lconn = uniq % 65536, uniq // 65536
     u_grp = cap_to_grp[u_cap]
@@ -174,29 +173,31 @@ def _packet_deltas_arrays(tcp: pd.DataFrame, cap_to_grp: np.ndarray, grp_names: 
     is_rep = np.zeros(len(uniq), dtype=bool)
     is_rep[rep] = True
     rows = np.flatnonzero(is_rep[codes])
+    del codes
     # first sight: per capture and packet key, the earliest row (rows in time order, ties in table order)
     ts = tcp["ts"].to_numpy(np.int64)
     rows = rows[np.argsort(ts[rows], kind="stable")]
-    key_cols = [lconn[rows], tcp["dir"].to_numpy()[rows].astype(np.int64), tcp["seq"].to_numpy(np.int64)[rows],
-                tcp["ack"].to_numpy(np.int64)[rows], tcp["tsval"].to_numpy(np.int64)[rows],
-                packet_class(tcp["flags"].to_numpy()[rows], tcp["plen"].to_numpy()[rows])]
+    key_cols = [lconn[rows], tcp["dir"].to_numpy()[rows], tcp["seq"].to_numpy()[rows], tcp["ack"].to_numpy()[rows],
+                tcp["tsval"].to_numpy()[rows],
+                packet_class(tcp["flags"].to_numpy()[rows], tcp["plen"].to_numpy()[rows]).astype(np.int8)]
     hk = np.zeros(len(rows), dtype=np.uint64)
     for x in key_cols:
         hk = _mix(hk, x)
     c = cap[rows]
     hc = _mix(hk, c)
-    kc, _ = pd.factorize(hc)
-    first = np.full(kc.max() + 1 if len(kc) else 0, len(kc), dtype=np.int64)
-    np.minimum.at(first, kc, np.arange(len(kc)))
-    f = first[kc]
-    dup = f != np.arange(len(kc))
+    dup = pd.Series(hc, copy=False).duplicated(keep="first").to_numpy()
     if dup.any():
-        p, q = np.flatnonzero(dup), f[dup]
+        p = np.flatnonzero(dup)
+        cand = np.flatnonzero(np.isin(hc, hc[p]) & ~dup)
+        first_of = dict(zip(hc[cand].tolist(), cand.tolist()))
+        q = np.fromiter((first_of[h] for h in hc[p].tolist()), dtype=np.int64, count=len(p))
         if (c[p] != c[q]).any() or any((x[p] != x[q]).any() for x in key_cols):
             return None                                    # a hash collision: the DataFrame path decides
+    del hc
     keep = ~dup
     rows, c = rows[keep], c[keep]
     kcode, kuniq = pd.factorize(hk[keep])               # dense numbers of the packet keys
+    del hk
     key_cols = [x[keep] for x in key_cols]
     g = cap_to_grp[c]
     ts_k = ts[rows]

@@ -43,3 +43,18 @@ def test_connections_equal_tshark_conversations(conformance, path):
         alt = (ends, int(r.packets_s2c), int(r.packets_c2s))
         ours[key if key in expected else alt] += 1
     assert ours == expected
+
+
+@pytest.mark.parametrize("cardinalities", [(3, 2, 5, 7, 7, 1000, 100_000), (100_000,) * 7, (1,) * 7])
+def test_lex_rank_is_the_sorted_group_number(cardinalities):
+    """The rank of each row's tuple in lexicographic order, as a sorted group-by numbers its groups; the second
+    case's radix product overflows 63 bits and takes the group-by itself."""
+    import numpy as np
+    import pandas as pd
+
+    from hbonecap.analysis.connections import _lex_rank
+
+    rng = np.random.default_rng(len(cardinalities) + cardinalities[0])
+    cols = [rng.integers(-2, k, 50_000) for k in cardinalities]
+    ref = pd.DataFrame({i: c for i, c in enumerate(cols)}).groupby(list(range(len(cols))), sort=True).ngroup()
+    assert (_lex_rank(cols) == ref.to_numpy()).all()

@@ -49,6 +49,25 @@ def _first_seen_codes(cols: list[pd.Series], missing=np.nan) -> list[tuple[np.nd
     return [(o, arr) for o in out]
 
 
+def _lex_rank(columns: list[np.ndarray]) -> np.ndarray:
+    """Per row, the rank of its tuple of values among the distinct tuples in lexicographic order (a sorted
+    group-by's group number): each column's values ranked, the ranks composed into one integer in mixed radix
+    (which keeps the order), that integer ranked. Column by column through pandas when the radix product would
+    not fit in 63 bits."""
+    ranks, sizes = [], []
+    for col in columns:
+        r, u = pd.factorize(col, sort=True)
+        ranks.append(r.astype(np.int64))
+        sizes.append(max(len(u), 1))
+    if float(np.prod(np.asarray(sizes, dtype=np.float64))) >= 2.0 ** 62:
+        return pd.DataFrame({i: c for i, c in enumerate(columns)}).groupby(list(range(len(columns))),
+                                                                        sort=True).ngroup().to_numpy(np.int64)
+    key = ranks[0]
+    for r, size in zip(ranks[1:], sizes[1:]):
+        key = key * size + r
+    return pd.factorize(key, sort=True)[0].astype(np.int64)
+
+
 def connections(packets: pd.DataFrame, first_conn_id: int = 0) -> pd.DataFrame:
     """The connections table for the packets of one or more captures."""
     keep = ((packets["proto"] == "tcp") & packets["sport"].notna() & packets["src"].notna()).to_numpy(bool)
@@ -79,9 +98,8 @@ def connections(packets: pd.DataFrame, first_conn_id: int = 0) -> pd.DataFrame:
     b_key = d * 65536 + dp
     lo = np.minimum(a_key, b_key)
     hi = np.maximum(a_key, b_key)
-    pair = np.stack([cap, enc, ifx, np.minimum(os_, od_), np.maximum(os_, od_), lo, hi], axis=1)
     # the rank of each row's key in lexicographic order (as np.unique(axis=0) gives, without its slow row sort)
-    pair_id = pd.DataFrame(pair).groupby(list(range(pair.shape[1])), sort=True).ngroup().to_numpy(np.int64)
+    pair_id = _lex_rank([cap, enc, ifx, np.minimum(os_, od_), np.maximum(os_, od_), lo, hi])
     order = np.lexsort((index, pair_id))
     pid = pair_id[order]
     syn_only = ((flags & (SYN | ACK)) == SYN)[order]

@@ -95,6 +95,9 @@ STREAM_EVENTS = (("request_ts", "connect", 0), ("response_ts", "connect_response
                  ("end_ts", "fin", None))
 
 
+NAT_NS = np.iinfo(np.int64).min             # NaT as integer nanoseconds
+
+
 def correlate(a) -> dict[str, pd.DataFrame]:
     """Flows, hops, clock, latency and extra anomalies for an `Analysis` (keys of the returned dict)."""
     return _Correlator(a).run()
@@ -481,7 +484,16 @@ class _Correlator:
         for r in reqs.itertuples(index=False):
             if pd.notna(r.tunnel_id) and pd.notna(r.stream_id):
                 inner.setdefault((r.capture, r.tunnel_id, int(r.stream_id)), (r.method, r.path, r.host))
-        for row in a.streams.to_dict("records"):
+        st = a.streams
+        # times as integer ns (None: not seen) instead of one Timestamp object per cell
+        ts_cols = [col for col in st.columns if st[col].dtype.kind == "M"]
+        ts_ns = {col: [None if v == NAT_NS else v for v in st[col].dt.as_unit("ns").array.asi8.tolist()]
+                 for col in ts_cols}
+        records = st.drop(columns=ts_cols).to_dict("records")
+        for col, vals in ts_ns.items():
+            for row, v in zip(records, vals):
+                row[col] = v
+        for row in records:
             k = tkey.get((row["capture"], row["tunnel_id"]))
             if k is None or pd.isna(row["stream_id"]):
                 continue
@@ -499,8 +511,8 @@ class _Correlator:
                 v = row.get(col)
                 if col == "end_ts" and not reliable_end:
                     continue
-                if v is not None and pd.notna(v):
-                    s.times[ev][cap] = int(pd.Timestamp(v).value)
+                if v is not None:
+                    s.times[ev][cap] = v
             q = inner.get((cap, row["tunnel_id"], sid))
             if q is not None and s.request is None:
                 s.request, s.host = (q[0], q[1]), q[2]

@@ -188,7 +188,7 @@ def _packet_deltas_arrays(tcp: pd.DataFrame, cap_to_grp: np.ndarray, grp_names: 
     dup = pd.Series(hc, copy=False).duplicated(keep="first").to_numpy()
     if dup.any():
         p = np.flatnonzero(dup)
-        cand = np.flatnonzero(np.isin(hc, hc[p]) & ~dup)
+        cand = np.flatnonzero(pd.Series(hc, copy=False).isin(hc[p]).to_numpy() & ~dup)     # (a hash set)
         first_of = dict(zip(hc[cand].tolist(), cand.tolist()))
         q = np.fromiter((first_of[h] for h in hc[p].tolist()), dtype=np.int64, count=len(p))
         if (c[p] != c[q]).any() or any((x[p] != x[q]).any() for x in key_cols):

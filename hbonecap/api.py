@@ -614,7 +614,12 @@ def analyze(paths, keylog: str | os.PathLike | None = None, *, points: Mapping[s
         outcomes = []
         with ProcessPoolExecutor(max_workers=min(jobs, sum(shares))) as ex:
             futures: list = [None] * len(args)
-            for i in sorted(range(len(args)), key=lambda k: -shares[k]):     # split points first
+            from hbonecap.decode import _size
+
+            sizes = [sum(_size(m) for m in members) for _, members in groups]
+            # split points first, then the largest first: the pool hands each process the next when it is free,
+            # so the last to start is a small one (longest processing time first)
+            for i in sorted(range(len(args)), key=lambda k: (-shares[k], -sizes[k])):
                 x, n = args[i], shares[i]
                 futures[i] = (ex.submit(_safe_analyze, *x) if n == 1 else
                               ex.submit(_safe_analyze, *x[:5], False, *x[6:]),

@@ -1867,17 +1867,14 @@ def _is_ip(v) -> bool:
 def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
     if not rows:
         return tables.empty(name)
-    cols = tables.columns(name)
     data = {}
-    for c in cols:
+    for c, dtype in tables.dtypes(name).items():
         vals = [r.get(c) for r in rows]
-        if tables.dtypes(name)[c] == tables.TS:
-            vals = np.array([v if v is not None else np.iinfo(np.int64).min for v in vals], dtype=np.int64)
-            vals[vals == np.iinfo(np.int64).min] = -1
-        elif tables.dtypes(name)[c] == "float64":
-            vals = np.array([np.nan if v is None or v is pd.NA else float(v) for v in vals], dtype=np.float64)
-        else:
-            vals = [pd.NA if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in vals]
+        if dtype == tables.TS:
+            vals = np.array([-1 if v is None else v for v in vals], dtype=np.int64)     # (negative: NaT)
+        elif dtype == "float64":
+            vals = np.array([np.nan if v is None or v is pd.NA else v for v in vals], dtype=np.float64)
+        # other columns as they are: the declared dtype's conversion reads None and NaN as missing
         data[c] = vals
     return tables.frame(name, data)
 

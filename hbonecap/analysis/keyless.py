@@ -309,8 +309,7 @@ def records_table(a):
         return tables.empty("tunnel_records")
     cols: dict[str, list] = {c: [] for c in tables.columns("tunnel_records")}
     for r in tun.itertuples(index=False):
-        # (itertuples gives numpy booleans of the nullable column: `is True` never held, so decrypted tunnels
-        # were listed and labelled too)
+        # (the nullable boolean column gives numpy booleans here: by value, not by identity with True)
         if (pd.notna(r.decrypted) and bool(r.decrypted)) or (pd.notna(r.depth) and int(r.depth) > 0):
             continue
         detail = a.details.get(r.capture)

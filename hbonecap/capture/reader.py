@@ -256,7 +256,6 @@ def read_secrets(path: str | os.PathLike, config: DecodeConfig = DEFAULT_CONFIG)
     return r.info.secrets
 
 
-
 READ_AHEAD_WINDOWS = 3      # how far ahead of the walk a mapped file is read from disk, in windows
 READ_AHEAD_STEP = 4 << 20
 

@@ -1874,7 +1874,8 @@ def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
             vals = np.array([-1 if v is None else v for v in vals], dtype=np.int64)     # (negative: NaT)
         elif dtype == "float64":
             vals = np.array([np.nan if v is None or v is pd.NA else v for v in vals], dtype=np.float64)
-        # other columns as they are: the declared dtype's conversion reads None and NaN as missing
+        else:       # straight into the declared type (None and NaN missing; integers never pass through floats)
+            vals = pd.array(vals, dtype=dtype)
         data[c] = vals
     return tables.frame(name, data)
 

@@ -249,3 +249,18 @@ def test_keyless_flows_inferred(name):
             mine = hops[(hops["flow_id"] == f["flow_id"]) & (hops["kind"] == "tcp")].sort_values("hop_index")
             assert mine["connection"].iloc[-1] == f"{last['client']} > {last['server']}", c["id"]
     assert (hops["latency_ms"].dropna() >= -0.05).all()
+
+
+def test_correlation_rows_keep_integers_exact():
+    """Rows become typed columns without passing integers through floats: a 64-bit count beside a missing one
+    (None or NaN) stays exact, strings and times keep their missing values."""
+    from hbonecap.analysis.correlation import _frame
+
+    big = 2**60 + 1
+    f = _frame("flows", [{"flow_id": 1, "bytes_c2s": big, "client": "10.0.0.1:1", "start": 5},
+                         {"flow_id": 2, "bytes_c2s": None, "client": None, "start": None},
+                         {"flow_id": 3, "bytes_c2s": float("nan")}])
+    assert str(f["bytes_c2s"].dtype) == "Int64" and f["bytes_c2s"].iloc[0] == big
+    assert f["bytes_c2s"].isna().tolist() == [False, True, True]
+    assert f["client"].isna().tolist() == [False, True, True] and f["client"].iloc[0] == "10.0.0.1:1"
+    assert f["start"].isna().tolist() == [False, True, True] and f["start"].iloc[0].value == 5

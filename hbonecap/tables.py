@@ -328,6 +328,7 @@ def dtypes(name: str) -> dict[str, str]:
 
 
 _EMPTY: dict = {}
+_INTEGER_DTYPES = frozenset({"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64"})
 
 
 def empty(name: str):
@@ -375,7 +376,13 @@ def frame(name: str, data: Mapping[str, Any]):
                     continue
                 out[c.name] = pd.Series(pd.to_datetime(v, utc=True))
                 continue
-            out[c.name] = pd.Series(v).astype(c.dtype) if not isinstance(v, pd.Series) else v.astype(c.dtype)
+            if isinstance(v, pd.Series):
+                out[c.name] = v.astype(c.dtype)
+            elif isinstance(v, list) and c.dtype in _INTEGER_DTYPES:
+                # as objects: a list of integers with None would become float64 first and lose what is over 2**53
+                out[c.name] = pd.Series(v, dtype=object).astype(c.dtype)
+            else:
+                out[c.name] = pd.Series(v).astype(c.dtype)
         else:
             out[c.name] = pd.Series([pd.NA] * n, dtype=c.dtype if c.dtype != TS else TS)
     df = pd.DataFrame({k: s.reset_index(drop=True) for k, s in out.items()})

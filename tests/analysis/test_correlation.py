@@ -264,3 +264,14 @@ def test_correlation_rows_keep_integers_exact():
     assert f["bytes_c2s"].isna().tolist() == [False, True, True]
     assert f["client"].isna().tolist() == [False, True, True] and f["client"].iloc[0] == "10.0.0.1:1"
     assert f["start"].isna().tolist() == [False, True, True] and f["start"].iloc[0].value == 5
+
+
+def test_table_lists_keep_integers_exact():
+    """`tables.frame` from Python lists (as the stream stages' rows arrive): an integer column with a missing value
+    is not routed through float64."""
+    from hbonecap import tables
+
+    big = 2**60 + 1
+    f = tables.frame("streams", {"capture": ["a", "b", "c"], "stream_id": [big, None, float("nan")]})
+    assert f["stream_id"].iloc[0] == big and f["stream_id"].isna().tolist() == [False, True, True]
+    assert str(f["stream_id"].dtype) == "Int64"
